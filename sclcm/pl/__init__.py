@@ -1,0 +1,5 @@
+"""Plots of what sclcm computed, in the style of scanpy's ``pl``."""
+
+from ._genes import gene_coverage
+
+__all__ = ["gene_coverage"]

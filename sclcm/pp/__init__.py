@@ -1,0 +1,6 @@
+"""Preprocessing: the AnnData-facing checks and gene handling, in scanpy's ``pp`` place."""
+
+from .._checks import check_counts
+from ..genes import resolve as resolve_genes
+
+__all__ = ["check_counts", "resolve_genes"]
