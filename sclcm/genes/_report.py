@@ -35,7 +35,8 @@ class GeneReport:
     method
         How each column was resolved: ``"ensembl_id"``, ``"retired_id"``, ``"symbol"``,
         ``"previous"``, ``"alias"``, ``"ortholog_previous"``, ``"unique_suffix"``,
-        ``"case_insensitive"``, or ``""`` where unresolved.
+        ``"case_insensitive"``, ``"other_species"``, ``"unique_suffix"``, or ``""`` where
+        unresolved.
     var_counts
         Total counts per column (``None`` if not computed).
     ambiguous

@@ -47,6 +47,10 @@ def _candidates(adata: AnnData) -> tuple[list[tuple[str, np.ndarray]], list[tupl
         if col in adata.var.columns:
             ids.append((f"var[{col!r}]", _as_ids(pd.Index(adata.var[col].astype(str)))))
     ids.append(("var_names", _as_ids(var_names)))
+    if var_names.str.contains(".", regex=False).any() and not var_names.str.contains(
+            "-", regex=False).any():
+        # R's make.names wrote every "-" as "." (KRTAP16-1 -> KRTAP16.1): read it back first
+        symbols.append(("var_names", pd.Index(var_names.str.replace(".", "-", regex=False))))
     symbols.append(("var_names", var_names))
     for col in SYMBOL_COLUMNS:
         if col in adata.var.columns:
@@ -100,7 +104,8 @@ def resolve(adata: AnnData, species: str | None = None, *, layer: str | None = N
     symbols, previous official symbols, NCBI aliases, mouse names of the human
     ortholog's previous symbols, case-insensitively, as a symbol of the other species
     with a single ortholog (mouse ``INS1`` in a human table), and finally by the stem of
-    a name made unique (``UQCR11.1``, ``CCL5_ENSG00000161570``). A name that fits several
+    a name made unique (``UQCR11.1``, ``CCL5_ENSG00000161570``). Names from R's
+    ``make.names`` (dots and no dash anywhere: ``KRTAP16.1``) are read with dashes first. A name that fits several
     genes is resolved to the one protein-coding gene among them, else to the gene that
     held the symbol earliest; otherwise it stays unresolved and is listed in
     ``report.ambiguous``.
@@ -169,12 +174,12 @@ def resolve(adata: AnnData, species: str | None = None, *, layer: str | None = N
     lookups = symbol_lookups(species)
     for _, names in symbols:
         _resolve_symbols(names, lookups, todo, ensembl, method, ambiguous)
+    stem_lookups = {k: lookups[k] for k in ("symbol", "previous")}
     # Names made unique ("UQCR11.1", "TBCE-1", "CCL5_ENSG00000161570"): their stem as a
     # current or previous symbol.
     stems = pd.Series(symbols[0][1]).str.extract(_UNIQUE_SUFFIX, expand=False)
     suffixed = todo & stems.notna().to_numpy()
     if suffixed.any():
-        stem_lookups = {k: lookups[k] for k in ("symbol", "previous")}
         _resolve_symbols(pd.Index(stems.fillna("")), stem_lookups, suffixed, ensembl, method,
                          ambiguous, "unique_suffix")
     ambiguous = dict(v for i, v in ambiguous.items() if ensembl[i] is None)
