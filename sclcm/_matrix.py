@@ -40,11 +40,8 @@ def iter_row_blocks(adata: AnnData, layer: str | None = None, *, block_size: int
     for start in range(0, n, block_size):
         stop = min(start + block_size, n)
         block = X[start:stop]
-        if sparse.issparse(block):
-            block = sparse.csr_matrix(block)
-        else:
-            block = np.asarray(block)
-        yield start, stop, block
+        yield start, stop, sparse.csr_matrix(block) if sparse.issparse(block) else np.asarray(
+            block)
 
 
 def stored_values(block) -> np.ndarray:

@@ -67,7 +67,7 @@ def demo(data: Path, out: Path) -> None:
             "count_coverage": report.count_coverage,
             "ortholog_coverage": human.ortholog_coverage,
             "duplicated_ids": len(report.duplicates), "ambiguous": len(report.ambiguous),
-            "tokens_in_vocab": int(len(np.unique(ids[in_vocab]))),
+            "tokens_in_vocab": len(np.unique(ids[in_vocab])),
             "vocab_count_coverage": float(counts[in_vocab].sum() / counts.sum()),
         })
         adata.file.close()

@@ -154,7 +154,7 @@ def primary(current: pd.DataFrame, sources: Path, species: str) -> pd.DataFrame:
 def synonyms(current: pd.DataFrame, pairs: pd.DataFrame, con, species: str,
              sources: Path) -> pd.DataFrame:
     cur_sym = set(current.symbol)
-    cur_id = dict(zip(current.ensembl_id, current.symbol))
+    cur_id = dict(zip(current.ensembl_id, current.symbol, strict=True))
     # previous official symbols of genes still in the reference
     prev = pairs[pairs.ensembl_id.isin(cur_id.keys()) & ~pairs.symbol.isin(cur_sym)]
     prev = prev.rename(columns={"symbol": "name"}).assign(kind="previous")

@@ -7,11 +7,14 @@ from functools import cache
 from pathlib import Path
 
 import anndata as ad
+import matplotlib
 import numpy as np
 import pytest
 from scipy import sparse
 
 import sclcm
+
+matplotlib.use("Agg")  # tests draw figures without a screen
 
 DATA = Path(os.environ.get("SCLCM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -74,7 +77,10 @@ def snapshot(adata: ad.AnnData) -> dict:
 def assert_unchanged(adata: ad.AnnData, before: dict) -> None:
     def same(a, b):
         if sparse.issparse(a):
-            return sparse.issparse(b) and a.shape == b.shape and (a != b).nnz == 0
+            return (sparse.issparse(b) and a.format == b.format and a.shape == b.shape
+                    and np.array_equal(a.indptr, b.indptr)
+                    and np.array_equal(a.indices, b.indices)
+                    and np.array_equal(a.data, b.data, equal_nan=True))
         return np.array_equal(np.asarray(a), np.asarray(b), equal_nan=True)
 
     assert same(adata.X, before["X"])

@@ -153,7 +153,7 @@ class GeneReport:
         >>> import anndata as ad, numpy as np, pandas as pd
         >>> import sclcm
         >>> adata = ad.AnnData(np.ones((1, 3), dtype=np.float32),
-        ...                    var=pd.DataFrame(index=["Actb", "Gapdh", "Gm26206"]))
+        ...                    var=pd.DataFrame(index=["Actb", "Gapdh", "Xist"]))
         >>> human = sclcm.genes.resolve(adata).to_species("human")
         >>> list(human.symbols), human.ortholog_coverage
         (['ACTB', 'GAPDH', None], 0.6666666666666666)

@@ -39,7 +39,7 @@ def _as_ids(values: pd.Index) -> np.ndarray:
     return out
 
 
-def _candidates(adata: AnnData) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, pd.Index]]]:
+def _candidates(adata: AnnData) -> tuple[list, list]:
     """ID and symbol candidate arrays, each named by the column it came from."""
     var_names = pd.Index(adata.var_names.astype(str))
     ids, symbols = [], []
@@ -65,7 +65,7 @@ def _infer_species(ids: list, symbols: list) -> tuple[str | None, dict[str, floa
     for sp in SPECIES:
         hit = np.zeros(n, dtype=bool)
         for _, arr in ids:
-            hit |= pd.Series(arr, dtype=object).str.startswith(ID_PREFIX[sp]).eq(True).to_numpy()
+            hit |= pd.Series(arr, dtype=object).str.startswith(ID_PREFIX[sp], na=False).to_numpy()
         for _, names in symbols:
             hit |= symbol_lookups(sp)["symbol"].unique.index.get_indexer(names) >= 0
         score[sp] = float(hit.mean()) if n else 0.0
@@ -105,10 +105,10 @@ def resolve(adata: AnnData, species: str | None = None, *, layer: str | None = N
     ortholog's previous symbols, case-insensitively, as a symbol of the other species
     with a single ortholog (mouse ``INS1`` in a human table), and finally by the stem of
     a name made unique (``UQCR11.1``, ``CCL5_ENSG00000161570``). Names from R's
-    ``make.names`` (dots and no dash anywhere: ``KRTAP16.1``) are read with dashes first. A name that fits several
-    genes is resolved to the one protein-coding gene among them, else to the gene that
-    held the symbol earliest; otherwise it stays unresolved and is listed in
-    ``report.ambiguous``.
+    ``make.names`` (dots and no dash anywhere: ``KRTAP16.1``) are read with dashes first.
+    A name that fits several genes is resolved to the one protein-coding gene among
+    them, else to the gene that held the symbol earliest; otherwise it stays unresolved
+    and is listed in ``report.ambiguous``.
 
     Never modifies ``adata``; use :meth:`GeneReport.collapse` for an AnnData with
     Ensembl IDs as ``var_names`` and duplicated genes summed.
