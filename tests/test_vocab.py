@@ -39,6 +39,10 @@ def test_validation():
         GeneVocab([ACTB, ACTB])
     with pytest.raises(ValueError, match="must include"):
         GeneVocab([ACTB], special_tokens=["<pad>"])
+    v1 = GeneVocab([ACTB], special_tokens=["<pad>", "<mask>"])  # Geneformer V1 layout
+    assert v1[ACTB] == 2
+    with pytest.raises(KeyError, match="not in this vocabulary"):
+        v1.cls_id
     with pytest.raises(ValueError, match="unique"):
         GeneVocab(["<pad>"])
 

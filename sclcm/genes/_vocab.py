@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from ._report import GeneReport
 
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>", "<eos>")
+#: Geneformer V1 has only these two; ``<cls>``/``<eos>`` are optional.
+REQUIRED_TOKENS = ("<pad>", "<mask>")
 _FORMAT = "sclcm.GeneVocab"
 _VERSION = 1
 
@@ -35,8 +37,8 @@ class GeneVocab:
         The species of ``genes``; AnnData of another species is mapped through
         one-to-one orthologs by :meth:`lookup`.
     special_tokens
-        Tokens placed before the genes; ``<pad>``, ``<mask>``, ``<cls>`` and ``<eos>``
-        must be among them.
+        Tokens placed before the genes, in id order; ``<pad>`` and ``<mask>`` must be
+        among them (``<cls>`` and ``<eos>`` are in the default, as Geneformer V2 has them).
 
     Examples
     --------
@@ -50,7 +52,7 @@ class GeneVocab:
     def __init__(self, genes: Iterable[str], *, species: str | None = None,
                  special_tokens: Sequence[str] = SPECIAL_TOKENS) -> None:
         special = list(special_tokens)
-        missing = [t for t in SPECIAL_TOKENS if t not in special]
+        missing = [t for t in REQUIRED_TOKENS if t not in special]
         if missing:
             msg = f"special_tokens must include {missing}."
             raise ValueError(msg)
@@ -86,7 +88,11 @@ class GeneVocab:
         return token in self._index
 
     def __getitem__(self, token: str) -> int:
-        return int(self._index.get_loc(token))
+        try:
+            return int(self._index.get_loc(token))
+        except KeyError:
+            msg = f"{token!r} is not in this vocabulary."
+            raise KeyError(msg) from None
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, GeneVocab) and self.species == other.species
