@@ -42,7 +42,7 @@ def test_validation():
     v1 = GeneVocab([ACTB], special_tokens=["<pad>", "<mask>"])  # Geneformer V1 layout
     assert v1[ACTB] == 2
     with pytest.raises(KeyError, match="not in this vocabulary"):
-        v1.cls_id
+        _ = v1.cls_id
     with pytest.raises(ValueError, match="unique"):
         GeneVocab(["<pad>"])
 
