@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import genes, pl, pp
+from . import genes, pl, pp, tokenizers
 from ._checks import InputError
 from ._settings import settings
 
@@ -11,4 +11,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-__all__ = ["InputError", "genes", "pl", "pp", "settings"]
+__all__ = ["InputError", "genes", "pl", "pp", "settings", "tokenizers"]

@@ -2,5 +2,6 @@
 
 from .._checks import check_counts
 from ..genes import resolve as resolve_genes
+from ._tokenize import tokenize
 
-__all__ = ["check_counts", "resolve_genes"]
+__all__ = ["check_counts", "resolve_genes", "tokenize"]

@@ -1,0 +1,224 @@
+"""What every tokenizer shares: the column map, block preparation, state as JSON/NumPy."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+from scipy import sparse
+
+from .._checks import InputError
+from ..genes import GeneVocab
+from ._batch import TokenBatch
+from ._kernels import MAX_SLOTS, row_ids
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+    from ..genes import GeneReport
+
+_FORMAT = "sclcm.Tokenizer"
+_VERSION = 1
+REGISTRY: dict[str, type[Tokenizer]] = {}
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Where each input column goes: a slot among the block's tokens, or nowhere.
+
+    Slots are numbered in ascending token id, so sorting by slot sorts by token id.
+    Several columns may share a slot (one gene under two names); their counts are
+    summed.
+    """
+
+    slot: np.ndarray  # int64 per input column, -1 where the column has no token
+    token_ids: np.ndarray  # int32 per slot, ascending
+    has_duplicates: bool
+
+    @classmethod
+    def from_token_ids(cls, ids: np.ndarray) -> ColumnMap:
+        ids = np.asarray(ids, dtype=np.int64)
+        tokens, inverse = np.unique(ids, return_inverse=True)
+        has_missing = int(len(tokens) > 0 and tokens[0] < 0)
+        slot = inverse - has_missing
+        slot[ids < 0] = -1
+        tokens = tokens[has_missing:]
+        if len(tokens) >= MAX_SLOTS:
+            msg = f"At most {MAX_SLOTS - 1} distinct genes per tokenizer, got {len(tokens)}."
+            raise ValueError(msg)
+        return cls(slot, tokens.astype(np.int32), bool(len(tokens) < (ids >= 0).sum()))
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.token_ids)
+
+
+def _as_csr(X) -> sparse.csr_matrix:
+    return sparse.csr_matrix(X if sparse.issparse(X) else np.asarray(X))
+
+
+def prepare_block(X, cmap: ColumnMap, *, require_integers: bool) -> tuple[sparse.csr_matrix,
+                                                                          np.ndarray]:
+    """Counts of a block over token slots, and each cell's total over *all* columns.
+
+    Returns a canonical CSR matrix ``n_cells x n_slots`` (float32; indices sorted,
+    duplicated genes summed, zeros dropped) and the totals (float64). Totals include
+    genes outside the vocabulary, as Geneformer's ``n_counts`` and scanpy's
+    ``normalize_total`` do.
+    """
+    X = _as_csr(X)
+    data = X.data
+    if data.size:
+        if np.issubdtype(data.dtype, np.floating):
+            if not np.isfinite(data).all():
+                msg = ("The counts contain NaN or infinite values; check them with "
+                       "sclcm.pp.check_counts.")
+                raise InputError(msg)
+            if require_integers and (data != np.round(data)).any():
+                msg = ("The matrix holds non-integer values (normalized or log data); this "
+                       "tokenizer needs raw counts: pass layer= the counts layer, or run "
+                       "sclcm.pp.check_counts for details.")
+                raise InputError(msg)
+        if (data < 0).any():
+            msg = "The counts contain negative values; run sclcm.pp.check_counts for details."
+            raise InputError(msg)
+    totals = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
+    slots = cmap.slot[X.indices]
+    keep = slots >= 0
+    rows = row_ids(X.indptr)[keep]
+    Y = sparse.csr_matrix((data[keep].astype(np.float32, copy=False), (rows, slots[keep])),
+                          shape=(X.shape[0], cmap.n_slots)) if cmap.has_duplicates else \
+        sparse.csr_matrix((data[keep].astype(np.float32, copy=False), slots[keep],
+                           np.concatenate([[0], np.cumsum(np.bincount(
+                               rows, minlength=X.shape[0]))])),
+                          shape=(X.shape[0], cmap.n_slots))
+    Y.sum_duplicates()  # also sorts indices
+    Y.eliminate_zeros()
+    return Y, totals
+
+
+class Tokenizer:
+    """Base of the four families: ``encode`` a block of cells into a :class:`TokenBatch`.
+
+    Subclasses set :attr:`name`, implement :meth:`_encode` and list their options in
+    :attr:`_options`; arrays of fitted state are listed in :attr:`_arrays`.
+    """
+
+    name: ClassVar[str]
+    #: Whether the input must be raw counts (integers).
+    requires_counts: ClassVar[bool] = True
+    _options: ClassVar[tuple[str, ...]] = ()
+    _arrays: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            REGISTRY[cls.name] = cls
+
+    def __init__(self, vocab: GeneVocab, *, max_len: int | None) -> None:
+        if not isinstance(vocab, GeneVocab):
+            msg = f"vocab must be a sclcm.genes.GeneVocab, not {type(vocab).__name__}."
+            raise TypeError(msg)
+        self.vocab = vocab
+        self.max_len = max_len
+
+    # --- from AnnData columns to token slots ------------------------------------
+    def token_ids_of_genes(self, ids: np.ndarray) -> np.ndarray:
+        """Token id per column (``-1`` for genes this tokenizer cannot use)."""
+        return ids
+
+    def column_map(self, adata: AnnData, *, report: GeneReport | None = None) -> ColumnMap:
+        """Map ``adata``'s columns to this tokenizer's tokens (resolving genes)."""
+        ids = self.token_ids_of_genes(self.vocab.lookup(adata, report=report))
+        if not (ids >= 0).any():
+            msg = ("None of the AnnData's genes is in this tokenizer's vocabulary "
+                   f"({self.vocab!r}); check sclcm.genes.resolve(adata) and the species.")
+            raise InputError(msg)
+        return ColumnMap.from_token_ids(ids)
+
+    def encode(self, X, cmap: ColumnMap, *, start: int = 0, keep_empty: bool = False,
+               **kwargs: Any) -> TokenBatch:
+        """Tokenize a block of cells (rows of ``X``, CSR or dense, columns as ``cmap``).
+
+        ``start`` is the index of the block's first cell in the whole dataset (it seeds
+        per-cell randomness, so results do not depend on the block size). Cells left
+        without any gene token are dropped unless ``keep_empty``, in which case they
+        keep only their special tokens.
+        """
+        cmap = self._restrict(cmap)
+        Y, totals = prepare_block(X, cmap, require_integers=self.requires_counts)
+        batch = self._encode(Y, totals, cmap.token_ids, start=start, **kwargs)
+        if not keep_empty:
+            empty = np.diff(Y.indptr) == 0
+            if empty.any():
+                batch = batch.select(~empty)
+        return batch
+
+    def _restrict(self, cmap: ColumnMap) -> ColumnMap:
+        """``cmap`` without the tokens this tokenizer cannot use (e.g. no gene median)."""
+        usable = self.token_ids_of_genes(cmap.token_ids.astype(np.int64)) >= 0
+        if usable.all():
+            return cmap
+        mapped = cmap.slot >= 0
+        col_tokens = np.full(len(cmap.slot), -1, dtype=np.int64)
+        ok = mapped.copy()
+        ok[mapped] = usable[cmap.slot[mapped]]
+        col_tokens[ok] = cmap.token_ids[cmap.slot[ok]]
+        return ColumnMap.from_token_ids(col_tokens)
+
+    def _encode(self, Y: sparse.csr_matrix, totals: np.ndarray, token_ids: np.ndarray, *,
+                start: int) -> TokenBatch:
+        raise NotImplementedError
+
+    def tokenize(self, adata: AnnData, **kwargs: Any):
+        """Tokenize a whole AnnData; see :func:`sclcm.pp.tokenize` for the options."""
+        from ..pp._tokenize import tokenize
+
+        return tokenize(adata, self, **kwargs)
+
+    # --- state --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Options and vocabulary as plain JSON types (arrays are saved separately)."""
+        return {"format": _FORMAT, "version": _VERSION, "name": self.name,
+                "options": {"max_len": self.max_len,
+                            **{k: getattr(self, k) for k in self._options}},
+                "arrays": list(self._arrays), "vocab": self.vocab.to_dict()}
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``tokenizer.json`` (and ``<array>.npy`` for fitted arrays) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for key in self._arrays:
+            value = getattr(self, key)
+            if value is not None:
+                np.save(directory / f"{key}.npy", np.asarray(value), allow_pickle=False)
+        (directory / "tokenizer.json").write_text(json.dumps(self.to_dict()))
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in ("max_len", *self._options))
+        return f"{type(self).__name__}({self.vocab.n_genes} genes, {opts})"
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer:
+    """Read a tokenizer written by :meth:`Tokenizer.save` (JSON and ``.npy``; no pickle)."""
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
+    if not path.exists():
+        msg = f"No tokenizer.json in {directory}."
+        raise FileNotFoundError(msg)
+    d = json.loads(path.read_text())
+    if d.get("format") != _FORMAT:
+        msg = f"{path} is not a sclcm tokenizer (format {d.get('format')!r})."
+        raise ValueError(msg)
+    if d.get("version", 0) > _VERSION:
+        msg = f"{path} has format version {d['version']}; upgrade sclcm to read it."
+        raise ValueError(msg)
+    if d["name"] not in REGISTRY:
+        msg = f"Unknown tokenizer {d['name']!r}; known: {sorted(REGISTRY)}."
+        raise ValueError(msg)
+    arrays = {k: np.load(directory / f"{k}.npy", allow_pickle=False)
+              for k in d.get("arrays", []) if (directory / f"{k}.npy").exists()}
+    return REGISTRY[d["name"]](GeneVocab.from_dict(d["vocab"]), **d["options"], **arrays)
