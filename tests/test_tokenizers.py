@@ -136,10 +136,11 @@ def geneformer(pbmc, vocab):
 def dense_over_vocab(adata, report, vocab):
     """Cells x vocabulary genes (summed duplicates), and totals over all genes."""
     ids = vocab.lookup(adata, report=report)
-    X = adata.X.toarray().astype(np.float64)
-    M = np.zeros((adata.n_vars, len(vocab)))
-    M[np.flatnonzero(ids >= 0), ids[ids >= 0]] = 1
-    return X @ M, X.sum(axis=1)
+    X = sparse.csr_matrix(adata.X, dtype=np.float64)
+    cols = np.flatnonzero(ids >= 0)
+    M = sparse.csr_matrix((np.ones(len(cols)), (cols, ids[cols])),
+                          shape=(adata.n_vars, len(vocab)))
+    return (X @ M).toarray(), np.asarray(X.sum(axis=1)).ravel()
 
 
 def test_geneformer_rank_order_equals_normalized_order(pbmc, vocab, geneformer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,7 +35,7 @@ class ColumnMap:
     summed.
     """
 
-    slot: np.ndarray  # int64 per input column, -1 where the column has no token
+    slot: np.ndarray  # int32 per input column, -1 where the column has no token
     token_ids: np.ndarray  # int32 per slot, ascending
     has_duplicates: bool
 
@@ -43,7 +44,7 @@ class ColumnMap:
         ids = np.asarray(ids, dtype=np.int64)
         tokens, inverse = np.unique(ids, return_inverse=True)
         has_missing = int(len(tokens) > 0 and tokens[0] < 0)
-        slot = inverse - has_missing
+        slot = (inverse - has_missing).astype(np.int32)
         slot[ids < 0] = -1
         tokens = tokens[has_missing:]
         if len(tokens) >= MAX_SLOTS:
@@ -55,21 +56,26 @@ class ColumnMap:
     def n_slots(self) -> int:
         return len(self.token_ids)
 
+    @cached_property
+    def duplicated_slot(self) -> np.ndarray:
+        """Per slot: whether several columns map to it."""
+        return np.bincount(self.slot[self.slot >= 0], minlength=self.n_slots) > 1
+
 
 def _as_csr(X) -> sparse.csr_matrix:
     return sparse.csr_matrix(X if sparse.issparse(X) else np.asarray(X))
 
 
-def prepare_block(X, cmap: ColumnMap, *, require_integers: bool) -> tuple[sparse.csr_matrix,
-                                                                          np.ndarray]:
+def prepare_block(X, cmap: ColumnMap, *, require_integers: bool,
+                  sort: bool = True) -> tuple[sparse.csr_matrix, np.ndarray]:
     """Counts of a block over token slots, and each cell's total over *all* columns.
 
-    Returns a canonical CSR matrix ``n_cells x n_slots`` (float32; indices sorted,
-    duplicated genes summed, zeros dropped) and the totals (float64). Totals include
-    genes outside the vocabulary, as Geneformer's ``n_counts`` and scanpy's
+    Returns a CSR matrix ``n_cells x n_slots`` (float32; duplicated genes summed, zeros
+    dropped; indices sorted within rows when ``sort``) and the totals (float64). Totals
+    include genes outside the vocabulary, as Geneformer's ``n_counts`` and scanpy's
     ``normalize_total`` do.
     """
-    X = _as_csr(X)
+    X = _as_csr(X)  # may share the caller's arrays: never modified in place
     data = X.data
     if data.size:
         if np.issubdtype(data.dtype, np.floating):
@@ -87,16 +93,28 @@ def prepare_block(X, cmap: ColumnMap, *, require_integers: bool) -> tuple[sparse
             raise InputError(msg)
     totals = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
     slots = cmap.slot[X.indices]
-    keep = slots >= 0
-    rows = row_ids(X.indptr)[keep]
-    Y = sparse.csr_matrix((data[keep].astype(np.float32, copy=False), (rows, slots[keep])),
-                          shape=(X.shape[0], cmap.n_slots)) if cmap.has_duplicates else \
-        sparse.csr_matrix((data[keep].astype(np.float32, copy=False), slots[keep],
-                           np.concatenate([[0], np.cumsum(np.bincount(
-                               rows, minlength=X.shape[0]))])),
+    keep = (slots >= 0) & (data != 0)
+    values = data.astype(np.float32, copy=cmap.has_duplicates)  # written below if duplicates
+    if cmap.has_duplicates:
+        # several columns are one gene: sum their entries within each row (few entries)
+        dup = keep & cmap.duplicated_slot[np.maximum(slots, 0)]
+        if dup.any():
+            where = np.flatnonzero(dup)
+            keys = row_ids(X.indptr)[where] * MAX_SLOTS + slots[where].astype(np.int64)
+            uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            values[where[first]] = np.bincount(inverse, weights=values[where]).astype(
+                np.float32)
+            keep[where] = False
+            keep[where[first]] = True
+    counts = np.add.reduceat(keep, X.indptr[:-1]) if X.shape[0] and len(keep) else \
+        np.zeros(X.shape[0], dtype=np.int64)
+    counts[np.diff(X.indptr) == 0] = 0  # reduceat repeats the next value on empty rows
+    indptr = np.zeros(X.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    Y = sparse.csr_matrix((values[keep], slots[keep], indptr),
                           shape=(X.shape[0], cmap.n_slots))
-    Y.sum_duplicates()  # also sorts indices
-    Y.eliminate_zeros()
+    if sort:
+        Y.sort_indices()
     return Y, totals
 
 
@@ -110,6 +128,8 @@ class Tokenizer:
     name: ClassVar[str]
     #: Whether the input must be raw counts (integers).
     requires_counts: ClassVar[bool] = True
+    #: Whether :meth:`_encode` needs each cell's slots in ascending order.
+    needs_sorted_slots: ClassVar[bool] = True
     _options: ClassVar[tuple[str, ...]] = ()
     _arrays: ClassVar[tuple[str, ...]] = ()
 
@@ -149,7 +169,8 @@ class Tokenizer:
         keep only their special tokens.
         """
         cmap = self._restrict(cmap)
-        Y, totals = prepare_block(X, cmap, require_integers=self.requires_counts)
+        Y, totals = prepare_block(X, cmap, require_integers=self.requires_counts,
+                                  sort=self.needs_sorted_slots)
         batch = self._encode(Y, totals, cmap.token_ids, start=start, **kwargs)
         if not keep_empty:
             empty = np.diff(Y.indptr) == 0

@@ -1,17 +1,15 @@
 """Vectorized operations on CSR row blocks that the tokenizers share.
 
-Nothing here loops over cells in Python: per-cell work is done on whole blocks with
-one sort of int64 keys ``row << a | value bits << b | slot``, whose order is the order of
-(row, value, slot). Positive float32 values order like their bit patterns as integers,
-so the keys sort exactly and the values can be read back from them.
+Per-cell work is done on whole blocks with numpy; the one per-row step is the sort of
+each cell's int64 keys ``value bits << SLOT_BITS | slot``, whose order is the order of
+(value, slot). Positive float32 values order like their bit patterns as integers, so the
+keys sort exactly and the values can be read back from them.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-# Rows sorted together: bounds the row field of a key (15 bits) and keeps sorts in cache.
-SORT_ROWS = 256
 SLOT_BITS = 17  # token slots per block (131,072 > any gene reference)
 MAX_SLOTS = 1 << SLOT_BITS
 _VALUE_MASK = 0x7FFFFFFF
@@ -38,23 +36,22 @@ def sort_within_rows(indptr: np.ndarray, values: np.ndarray, slots: np.ndarray, 
     """Sort each row's entries by value, ties by slot ascending.
 
     Returns ``(values, slots)`` permuted; rows keep their place. ``values`` must be
-    float32 >= 0 and ``slots`` < :data:`MAX_SLOTS`.
+    float32 >= 0 and ``slots`` unique within a row and < :data:`MAX_SLOTS`.
+
+    Each row's int64 keys ``value bits << SLOT_BITS | slot`` are unique, so numpy's
+    (SIMD) quicksort gives a deterministic order; one call per row measured faster than
+    any single sort over the block (13 vs 26+ ns per entry on pbmc3k), as a row of ~1,000
+    keys sorts in cache.
     """
-    bits = value_bits(values)
+    key = value_bits(values)
     if descending:
-        np.subtract(_VALUE_MASK, bits, out=bits)
-    key = bits << SLOT_BITS
+        np.subtract(_VALUE_MASK, key, out=key)
+    key <<= SLOT_BITS
     key |= slots
-    n_rows = len(indptr) - 1
-    for start in range(0, n_rows, SORT_ROWS):
-        a, b = indptr[start], indptr[min(start + SORT_ROWS, n_rows)]
+    bounds = indptr.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if b - a > 1:
-            rows = row_ids(indptr[start:min(start + SORT_ROWS, n_rows) + 1] - a)
-            part = key[a:b]
-            part |= rows << 48
-            # stable: keys arrive grouped by row, which timsort exploits
-            part.sort(kind="stable")
-            part &= (1 << 48) - 1
+            key[a:b].sort()
     out_slots = (key & (MAX_SLOTS - 1)).astype(np.int32)
     key >>= SLOT_BITS
     if descending:

@@ -67,6 +67,7 @@ class GeneformerTokenizer(Tokenizer):
     """
 
     name = "geneformer"
+    needs_sorted_slots = False  # the rank sort orders slots itself
     _options = ("special_tokens",)
     _arrays = ("medians",)
 
@@ -154,7 +155,8 @@ class GeneformerTokenizer(Tokenizer):
         inv = self._inverse_medians()[token_ids]
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = (TARGET_SUM / totals).astype(np.float32)
-        values = Y.data * scale[row_ids(Y.indptr)]
+        values = np.repeat(scale, np.diff(Y.indptr))
+        values *= Y.data
         values *= inv[Y.indices]
         values, slots = sort_within_rows(Y.indptr, values, Y.indices, descending=True)
         n_keep = self.max_len - (2 if self.special_tokens else 0)

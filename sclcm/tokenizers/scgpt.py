@@ -26,6 +26,7 @@ from ._kernels import (
     SLOT_BITS,
     add_special_tokens,
     keep_first,
+    positions_in_row,
     row_ids,
     sort_within_rows,
     uniform,
@@ -110,35 +111,58 @@ class ScGPTTokenizer(Tokenizer):
         rounding error off a value.) ``cells`` and ``token_ids`` pick the tie draws.
         """
         values = Y.data
-        if not np.array_equal(values, np.round(values)):
-            # non-integer input: the dense rank of each value in the block orders (and
-            # ties) exactly like the values, and quantile bins only depend on the order
+        if not np.array_equal(values, np.round(values)) or values.max(initial=0) >= 2**24:
+            # non-integer (or beyond float32's integers): the dense rank of each value in
+            # the block orders and ties exactly like the values, and quantile bins only
+            # depend on the order
             values = np.unique(values, return_inverse=True)[1]
         values = values.astype(np.int64)
-        rows = row_ids(Y.indptr)
+        indptr = Y.indptr.astype(np.int64)
         n_rows, n_edges, D = Y.shape[0], self.n_bins - 1, self.n_bins - 2
-        span = int(values.max(initial=0)) + 1  # keeps each row's keys apart
-        offset = rows * span
-        ordered = np.sort(values + offset) - offset  # ascending within each row
-        n = np.diff(Y.indptr).astype(np.int64)
+        n = np.diff(indptr)
+        # one sort of (row, value, entry) keys: each row's values ascending, and where
+        # each came from
+        local = positions_in_row(indptr)
+        ordered_vals, ordered_local = sort_within_rows(indptr, values.astype(np.float32),
+                                                       local, descending=False)
+        ordered = ordered_vals.astype(np.int64)
+        # edge k of a row, times D: s[lo] * D + (s[lo+1] - s[lo]) * rem (exact integers)
         lo, rem = np.divmod(np.arange(n_edges)[None, :] * np.maximum(n - 1, 0)[:, None], D)
         hi = np.minimum(lo + 1, np.maximum(n - 1, 0)[:, None])
-        base = Y.indptr[:-1, None].astype(np.int64)
-        if len(ordered):
-            a = ordered[np.minimum(base + lo, len(ordered) - 1)]
-            b = ordered[np.minimum(base + hi, len(ordered) - 1)]
-            scaled_edges = a * D + (b - a) * rem
-        else:
-            scaled_edges = np.zeros((n_rows, n_edges), dtype=np.int64)
-        scaled_edges[n == 0] = 0  # no values query an empty row; keep the keys sorted
-        keys = (scaled_edges + (np.arange(n_rows, dtype=np.int64) * span * D)[:, None]).ravel()
-        query = values * D + offset * D
-        base_rows = rows * n_edges
-        left = np.searchsorted(keys, query, side="right") - base_rows  # edges <= v
-        right = np.searchsorted(keys, query, side="left") - base_rows  # edges <  v
-        u = uniform(self.seed * 2 + _TIES, cells[rows], token_ids[Y.indices])
-        # scGPT's _digitize: ceil(u * (right - left) + left) = left - floor(u * (left - right))
-        return (left - np.floor(u * (left - right))).astype(np.float32)
+        base = indptr[:-1, None]
+        last = max(len(ordered) - 1, 0)
+        a = ordered[np.minimum(base + lo, last)] if len(ordered) else np.zeros_like(lo)
+        b = ordered[np.minimum(base + hi, last)] if len(ordered) else np.zeros_like(lo)
+        scaled_edges = a * D + (b - a) * rem
+        # where each edge falls among the row's sorted values (few queries: 50 a row)
+        span = (int(values.max(initial=0)) + 1) * D
+        row_off = np.arange(n_rows, dtype=np.int64) * span
+        sorted_keys = ordered * D + np.repeat(row_off, n)
+        edge_keys = (scaled_edges + row_off[:, None]).ravel()
+        below = np.searchsorted(sorted_keys, edge_keys, side="left")   # values <  edge
+        upto = np.searchsorted(sorted_keys, edge_keys, side="right")   # values <= edge
+        has_values = np.repeat(n > 0, n_edges)
+        # value at sorted position j: edges <= v  <=>  (values < edge) <= j, and
+        # edges < v  <=>  (values <= edge) <= j; count with a histogram and a cumsum
+        left = _count_upto(below[has_values], len(ordered))
+        right = _count_upto(upto[has_values], len(ordered))
+        edges_before = np.cumsum(np.r_[0, np.where(n > 0, n_edges, 0)])[:-1]
+        row_base = np.repeat(edges_before, n)
+        left -= row_base
+        right -= row_base
+        # back from sorted order to the entries' own order
+        source = np.repeat(indptr[:-1], n) + ordered_local
+        digits = np.empty(len(left), dtype=np.float32)
+        digits[source] = left
+        # a value on an edge is drawn at random between the bins it touches: scGPT's
+        # ceil(u * (right - left) + left) = left - floor(u * (left - right))
+        tie = np.flatnonzero(left != right)
+        if len(tie):
+            src = source[tie]
+            u = uniform(self.seed * 2 + _TIES, cells[row_ids(indptr)[src]],
+                        token_ids[Y.indices[src]])
+            digits[src] = left[tie] - np.floor(u * (left[tie] - right[tie]))
+        return digits
 
     def _encode(self, Y: sparse.csr_matrix, totals: np.ndarray, token_ids: np.ndarray, *,
                 start: int) -> TokenBatch:
@@ -190,3 +214,13 @@ class ScGPTTokenizer(Tokenizer):
         new_indptr = np.zeros_like(indptr)
         np.cumsum(np.minimum(lengths, n_keep), out=new_indptr[1:])
         return values[keep], slots[keep], new_indptr
+
+
+def _count_upto(positions: np.ndarray, n: int) -> np.ndarray:
+    """For each index ``j < n``: how many ``positions`` are ``<= j`` (a cumulative histogram).
+
+    Positions are global indices into the sorted values; every edge of a row counts for
+    the whole array from its position on, so callers subtract the edges of earlier rows.
+    """
+    hist = np.bincount(positions, minlength=n + 1)[:n]
+    return np.cumsum(hist)

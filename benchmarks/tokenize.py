@@ -1,0 +1,141 @@
+"""Tokenizer speed and memory on pbmc3k replicated to >= 100,000 cells, on one core.
+
+    python benchmarks/tokenize.py [--copies 38] [--data DIR]
+
+Prints cells/s for each family (in-memory CSR through ``sclcm.pp.tokenize``), the same
+for a per-cell Python loop that ranks like the published Geneformer tokenizer (the
+reference, measured in this run), and the peak memory of tokenizing a backed .h5ad to
+disk for two file sizes: it should not grow with the number of cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ["SCLCM_PROGRESS"] = "0"
+os.environ["SCLCM_VERBOSITY"] = "warning"
+
+import anndata as ad  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import sparse  # noqa: E402
+
+import sclcm  # noqa: E402
+from sclcm.genes import GeneVocab  # noqa: E402
+from sclcm.tokenizers import (  # noqa: E402
+    GeneformerTokenizer,
+    ScBERTTokenizer,
+    ScFoundationTokenizer,
+    ScGPTTokenizer,
+)
+
+PBMC3K = "sctypegsea_10x_pbmc3k_raw_2700.h5ad"
+
+
+def pin_one_core() -> None:
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+
+
+def reference_geneformer_loop(adata, tok: GeneformerTokenizer, n_cells: int) -> float:
+    """Cells/s of a per-cell loop in the published tool's style: normalize, rank, cut."""
+    ids = tok.vocab.lookup(adata)
+    inv = tok._inverse_medians()
+    keep = np.flatnonzero((ids >= 0) & (inv[np.maximum(ids, 0)] > 0))
+    tokens, norm = ids[keep], inv[ids[keep]]
+    X = adata.X[:n_cells]
+    totals = np.asarray(X.sum(axis=1)).ravel()
+    X = X[:, keep]
+    start = time.perf_counter()
+    out = []
+    for i in range(n_cells):
+        row = X[i].toarray().ravel() / totals[i] * 10_000 * norm
+        nz = np.nonzero(row)[0]
+        order = nz[np.argsort(-row[nz])]
+        out.append(np.concatenate([[2], tokens[order][:4094], [3]]))
+    return n_cells / (time.perf_counter() - start)
+
+
+def time_family(adata, tok, report, n_cells) -> tuple[float, int]:
+    sub = adata if n_cells >= adata.n_obs else adata[:n_cells]
+    start = time.perf_counter()
+    batch = sclcm.pp.tokenize(sub, tok, report=report)
+    dt = time.perf_counter() - start
+    return batch.n_cells / dt, batch.n_tokens
+
+
+def peak_memory_to_disk(path: Path, tokenizer_dir: Path, out: Path) -> float:
+    """Peak RSS (MiB) of a fresh process that tokenizes a backed file to disk."""
+    code = f"""
+import resource, anndata as ad, sclcm
+from sclcm.tokenizers import load_tokenizer
+tok = load_tokenizer({str(tokenizer_dir)!r})
+adata = ad.read_h5ad({str(path)!r}, backed="r")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+sclcm.pp.tokenize(adata, tok, out={str(out)!r}, block_size=4096)
+print(base / 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ})
+    before, after = map(float, res.stdout.split())
+    return before, after
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=38, help="pbmc3k copies (38: 102,600)")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get(
+        "SCLCM_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")))
+    args = parser.parse_args()
+    pin_one_core()
+
+    base = ad.read_h5ad(args.data / PBMC3K)
+    report = sclcm.genes.resolve(base)
+    vocab = GeneVocab.from_reference("human")
+    gf = GeneformerTokenizer(vocab).fit(base, report=report)
+    big = ad.AnnData(sparse.vstack([base.X] * args.copies, format="csr"), var=base.var)
+    big.obs_names = [f"c{i}" for i in range(big.n_obs)]
+    big_report = sclcm.genes.resolve(big, count_coverage=False)
+    print(f"pbmc3k x {args.copies} = {big.n_obs:,} cells, {big.X.nnz:,} non-zeros "
+          f"({big.X.nnz / big.n_obs:.0f} per cell); one core; numpy {np.__version__}\n")
+
+    panel = GeneVocab.from_reference("human", biotypes=["protein_coding"])
+    families = [(gf, big.n_obs), (ScGPTTokenizer(vocab), big.n_obs),
+                (ScFoundationTokenizer(vocab), big.n_obs),
+                # every panel gene in every cell: 20k tokens a cell, so fewer cells
+                (ScBERTTokenizer(panel), 10_000)]
+    rates = {}
+    print(f"{'family':<14}{'cells':>10}{'tokens':>15}{'cells/s':>12}")
+    for tok, n in families:
+        rate, n_tokens = time_family(big, tok, big_report, n)
+        rates[tok.name] = rate
+        print(f"{tok.name:<14}{min(n, big.n_obs):>10,}{n_tokens:>15,}{rate:>12,.0f}")
+    ref = reference_geneformer_loop(big, gf, 2_000)
+    print(f"{'reference loop':<14}{2_000:>10,}{'':>15}{ref:>12,.0f}   (per-cell Python loop, "
+          "geneformer ranking)")
+    print(f"\ngeneformer vs reference loop: {rates['geneformer'] / ref:.1f}x")
+    for name in ("geneformer", "scgpt"):
+        verdict = "met" if rates[name] >= 50_000 else "MISSED"
+        print(f"target >= 50,000 cells/s on one core, {name}: {rates[name]:,.0f} ({verdict})")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        gf.save(tmp / "tok")
+        print("\npeak RSS tokenizing a backed .h5ad to disk (geneformer, 4,096-cell blocks):")
+        for n in (20_000, big.n_obs):
+            path = tmp / f"cells_{n}.h5ad"
+            big[:n].copy().write_h5ad(path)
+            before, after = peak_memory_to_disk(path, tmp / "tok", tmp / f"corpus_{n}")
+            print(f"  {n:>8,} cells: {after:7.0f} MiB peak ({after - before:+.0f} MiB while "
+                  "tokenizing)")
+            path.unlink()
+
+
+if __name__ == "__main__":
+    main()
