@@ -27,11 +27,11 @@ demo: $(STAMP)
 	$(BIN)/sclcm demo --data "$(SCLCM_DATA)" --out demo_output
 
 test: $(STAMP)
-	$(BIN)/ruff check sclcm tests scripts
+	$(BIN)/ruff check sclcm tests scripts benchmarks
 	SCLCM_PROGRESS=0 $(BIN)/python -m pytest --cov --cov-report=term:skip-covered
 
 lint: $(STAMP)
-	$(BIN)/ruff check sclcm tests scripts
+	$(BIN)/ruff check sclcm tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache .coverage

@@ -22,13 +22,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["SCLCM_PROGRESS"] = "0"
 os.environ["SCLCM_VERBOSITY"] = "warning"
 
-import anndata as ad  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import sparse  # noqa: E402
+import anndata as ad
+import numpy as np
+from scipy import sparse
 
-import sclcm  # noqa: E402
-from sclcm.genes import GeneVocab  # noqa: E402
-from sclcm.tokenizers import (  # noqa: E402
+import sclcm
+from sclcm.genes import GeneVocab
+from sclcm.tokenizers import (
     GeneformerTokenizer,
     ScBERTTokenizer,
     ScFoundationTokenizer,

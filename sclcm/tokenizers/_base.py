@@ -101,7 +101,7 @@ def prepare_block(X, cmap: ColumnMap, *, require_integers: bool,
         if dup.any():
             where = np.flatnonzero(dup)
             keys = row_ids(X.indptr)[where] * MAX_SLOTS + slots[where].astype(np.int64)
-            uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
             values[where[first]] = np.bincount(inverse, weights=values[where]).astype(
                 np.float32)
             keep[where] = False

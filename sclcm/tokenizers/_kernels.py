@@ -8,6 +8,8 @@ keys sort exactly and the values can be read back from them.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 
 SLOT_BITS = 17  # token slots per block (131,072 > any gene reference)
@@ -49,7 +51,7 @@ def sort_within_rows(indptr: np.ndarray, values: np.ndarray, slots: np.ndarray, 
     key <<= SLOT_BITS
     key |= slots
     bounds = indptr.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in pairwise(bounds):
         if b - a > 1:
             key[a:b].sort()
     out_slots = (key & (MAX_SLOTS - 1)).astype(np.int32)
