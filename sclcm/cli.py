@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ def genes_command(paths: list[Path], species: str | None, to_species: str | None
 
 
 def demo(data: Path, out: Path) -> None:
-    """Check counts, resolve genes, map mouse to human, tokenize into one vocabulary."""
+    """Check counts, resolve genes, map mouse to human, tokenize with the four families."""
     from . import pl, pp
     from .genes import GeneVocab, resolve
 
@@ -51,7 +52,7 @@ def demo(data: Path, out: Path) -> None:
     print(f"sclcm demo: {len(files)} real datasets from {data}\n"
           f"vocabulary: {vocab.n_genes} human genes (protein coding + lncRNA) "
           f"+ {len(vocab.special_tokens)} special tokens\n")
-    reports, rows = {}, []
+    reports, rows, adatas = {}, [], {}
     for path in files:
         adata = _read(path)
         pp.check_counts(adata)  # raw counts, finite, no empty cells
@@ -61,6 +62,7 @@ def demo(data: Path, out: Path) -> None:
         in_vocab = ids >= 0
         counts = report.var_counts
         reports[path.stem.split("_")[0] + f" ({report.species.split('_')[0]})"] = report
+        adatas[path.name] = (adata, report)
         rows.append({
             "dataset": path.name, "cells": adata.n_obs, "genes": adata.n_vars,
             "species": report.species, "gene_coverage": report.coverage,
@@ -70,19 +72,81 @@ def demo(data: Path, out: Path) -> None:
             "tokens_in_vocab": len(np.unique(ids[in_vocab])),
             "vocab_count_coverage": float(counts[in_vocab].sum() / counts.sum()),
         })
-        adata.file.close()
     table = pd.DataFrame(rows).set_index("dataset")
-    with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 200):
+    with pd.option_context("display.float_format", "{:.3f}".format, "display.width", 250):
         print(table.to_string())
     table.to_csv(out / "gene_coverage.csv")
     vocab.save(out / "vocab.json")
     pl.gene_coverage(reports, save=out / "gene_coverage.png", show=False)
+
+    tok_table = _demo_tokenize(adatas, vocab, out)
+    with pd.option_context("display.float_format", "{:,.0f}".format, "display.width", 250):
+        print("\n" + tok_table.to_string())
+    tok_table.to_csv(out / "tokenization.csv")
+    for adata, _ in adatas.values():
+        adata.file.close()
     print(f"\nWhat this did: checked each matrix holds raw counts; resolved every gene to an "
-          f"Ensembl ID (columns gene_/count_coverage); mapped mouse genes onto one-to-one "
-          f"human orthologs (ortholog_coverage); looked every dataset up in one human "
-          f"vocabulary (vocab_count_coverage: share of counts a model would see).\n"
-          f"Wrote {out / 'gene_coverage.csv'}, {out / 'gene_coverage.png'}, "
-          f"{out / 'vocab.json'}.")
+          f"Ensembl ID (gene_/count_coverage); mapped mouse genes onto one-to-one human "
+          f"orthologs (ortholog_coverage); looked every dataset up in one human vocabulary "
+          f"(vocab_count_coverage: share of counts a model sees); fitted Geneformer's gene "
+          f"medians on all sets (mouse through orthologs) and tokenized every cell of every set with the four "
+          f"families (table above; scBERT on the first 1,000 cells of each set); wrote pbmc3k as a memory-mappable Geneformer corpus.\n"
+          f"Outputs in {out}/: gene_coverage.csv/.png, vocab.json, tokenization.csv, "
+          f"pbmc3k_geneformer/ (corpus + tokenizer).")
+
+
+SCBERT_CELLS = 1_000
+
+
+def _demo_tokenize(adatas: dict, vocab, out: Path) -> pd.DataFrame:
+    """Tokenize every dataset with the four families; returns a summary table."""
+    import anndata as ad
+    from scipy import sparse
+
+    from . import pp
+    from .genes import GeneVocab
+    from .tokenizers import (
+        GeneformerTokenizer,
+        ScBERTTokenizer,
+        ScFoundationTokenizer,
+        ScGPTTokenizer,
+    )
+
+    # gene medians from all sets on human genes, pooled (each set contributes its genes)
+    pooled = ad.concat([r.to_species("human").collapse(a) for a, r in adatas.values()],
+                       join="outer", fill_value=0)
+    pooled.X = sparse.csr_matrix(pooled.X)
+    geneformer = GeneformerTokenizer(vocab).fit(pooled)
+    panel = GeneVocab.from_reference("human", biotypes=["protein_coding"])
+    families = [geneformer, ScGPTTokenizer(vocab), ScBERTTokenizer(panel),
+                ScFoundationTokenizer(vocab)]
+    rows = []
+    for name, (adata, report) in adatas.items():
+        for tok in families:
+            # scBERT has every panel gene in every cell (20k tokens): 1,000 cells suffice
+            part = adata[:SCBERT_CELLS].to_memory() if tok.name == "scbert" else adata
+            start = time.perf_counter()
+            batch = pp.tokenize(part, tok, report=report)
+            rows.append({"dataset": name.split("_")[0], "family": tok.name,
+                         "cells": batch.n_cells, "tokens": batch.n_tokens,
+                         "mean_length": batch.lengths.mean(),
+                         "cells_per_s": batch.n_cells / (time.perf_counter() - start)})
+    pbmc = next((v for k, v in adatas.items() if "pbmc3k" in k), None)
+    if pbmc is not None:
+        corpus = pp.tokenize(pbmc[0], geneformer, report=pbmc[1],
+                             out=out / "pbmc3k_geneformer", overwrite=True)
+        first = corpus[0:1]
+        genes = vocab.decode(first.gene_ids[1:11])
+        symbols = [s or g for g, s in zip(genes, _symbols(genes), strict=True)]
+        print(f"\npbmc3k cell {pbmc[0].obs_names[0]} as Geneformer reads it (top 10 of "
+              f"{first.n_tokens - 2} genes): {' '.join(symbols)}")
+    return pd.DataFrame(rows).set_index(["dataset", "family"])
+
+
+def _symbols(ids: list[str]) -> list[str | None]:
+    from .genes import gene_table
+
+    return gene_table("human").symbol.reindex(ids).tolist()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,6 +39,10 @@ def test_demo(tmp_path):
     assert table.loc[f"{CHAI_MOUSE}.h5ad", "species"] == "mus_musculus"
     assert (out / "gene_coverage.png").stat().st_size > 10_000
     assert json.loads((out / "vocab.json").read_text())["species"] == "homo_sapiens"
+    tokens = pd.read_csv(out / "tokenization.csv")
+    assert set(tokens["family"]) == {"geneformer", "scgpt", "scbert", "scfoundation"}
+    assert len(tokens) == 8
+    assert (tokens["cells"] > 0).all()
 
 
 def test_demo_without_data(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 from .. import logging as logg
-from .._matrix import BLOCK_SIZE, iter_row_blocks
+from .._matrix import iter_row_blocks
 from .._progress import progress
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def tokenize(adata: AnnData, tokenizer: Tokenizer, *, layer: str | None = None,
              report: GeneReport | None = None, empty: Literal["drop", "keep"] = "drop",
              out: str | Path | None = None, overwrite: bool = False,
-             block_size: int = BLOCK_SIZE) -> TokenBatch | TokenizedCorpus:
+             block_size: int = 2048) -> TokenBatch | TokenizedCorpus:
     """Tokenize every cell of ``adata`` (in memory or ``backed="r"``) in row blocks.
 
     Genes are resolved and looked up in the tokenizer's vocabulary once; then each block
@@ -40,6 +40,9 @@ def tokenize(adata: AnnData, tokenizer: Tokenizer, *, layer: str | None = None,
     empty
         Cells with no gene of the vocabulary: ``"drop"`` them (their count is logged and
         ``cell_index`` skips them) or ``"keep"`` them as special tokens only.
+    block_size
+        Cells per block; ~2,000 keeps a block's arrays in cache (measured fastest on
+        pbmc3k).
     out
         A folder: write a memory-mappable :class:`~sclcm.tokenizers._corpus.TokenizedCorpus`
         there (with the tokenizer) and return it.
