@@ -85,14 +85,15 @@ def demo(data: Path, out: Path) -> None:
     tok_table.to_csv(out / "tokenization.csv")
     for adata, _ in adatas.values():
         adata.file.close()
-    print(f"\nWhat this did: checked each matrix holds raw counts; resolved every gene to an "
-          f"Ensembl ID (gene_/count_coverage); mapped mouse genes onto one-to-one human "
-          f"orthologs (ortholog_coverage); looked every dataset up in one human vocabulary "
-          f"(vocab_count_coverage: share of counts a model sees); fitted Geneformer's gene "
-          f"medians on all sets (mouse through orthologs) and tokenized every cell of every set with the four "
-          f"families (table above; scBERT on the first 1,000 cells of each set); wrote pbmc3k as a memory-mappable Geneformer corpus.\n"
+    print("\nWhat this did: checked each matrix holds raw counts; resolved every gene to an "
+          "Ensembl ID (gene_/count_coverage); mapped mouse genes onto one-to-one human "
+          "orthologs (ortholog_coverage); looked every dataset up in one human vocabulary "
+          "(vocab_count_coverage: share of counts a model sees); fitted Geneformer's gene "
+          "medians on all sets (mouse through orthologs) and tokenized every cell of every "
+          f"set with the four families (table above; scBERT on the first {SCBERT_CELLS:,} "
+          "cells of each set); wrote pbmc3k as a memory-mappable Geneformer corpus.\n"
           f"Outputs in {out}/: gene_coverage.csv/.png, vocab.json, tokenization.csv, "
-          f"pbmc3k_geneformer/ (corpus + tokenizer).")
+          "pbmc3k_geneformer/ (corpus + tokenizer).")
 
 
 SCBERT_CELLS = 1_000
