@@ -22,5 +22,5 @@ def test_tutorial_runs(path, tmp_path):
     res = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env,
                          cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "refused:" in res.stdout
-    assert (tmp_path / "coverage.png").exists()
+    assert "wrote" in res.stdout
+    assert list(tmp_path.glob("*.png"))
