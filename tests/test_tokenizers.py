@@ -189,6 +189,32 @@ def test_geneformer_medians_exact_and_streaming(pbmc, vocab, geneformer):
     assert np.median(rel) < 0.01
 
 
+def test_geneformer_fit_from_a_stream_of_blocks(pbmc, vocab, geneformer):
+    adata, report = pbmc
+    tok = GeneformerTokenizer(vocab)
+    # two sources whose columns differ (the second has them reversed): each block comes
+    # with its own column map onto the one vocabulary
+    first = adata[:150].copy()
+    second = adata[150:, ::-1].copy()
+    blocks = []
+    for part in (first, second):
+        cmap = tok.column_map(part)
+        blocks += [(part.X[i:i + 64], cmap) for i in range(0, part.n_obs, 64)]
+    tok.fit_blocks(blocks, method="exact")
+    np.testing.assert_allclose(tok.medians, geneformer.medians, rtol=1e-6)
+
+
+def test_scgpt_zero_genes_on_real_cells(pbmc, vocab):
+    adata, report = pbmc
+    tok = ScGPTTokenizer(vocab, include_zero_genes=True, max_len=100_000)
+    b = sclcm.pp.tokenize(adata[:20], tok, report=report)
+    n_genes = len(tok.column_map(adata, report=report).token_ids)
+    assert (b.lengths == n_genes + 1).all()  # every gene of the data, and <cls>
+    counts, _ = dense_over_vocab(adata[:20], report, vocab)
+    ids, vals = b.cell(5)
+    np.testing.assert_array_equal(vals[1:] == 0, counts[5, ids[1:]] == 0)
+
+
 def scgpt_reference(values, n_bins, u, *, exact):
     """scGPT's binning of one cell's non-zero values, written the plain way.
 

@@ -20,12 +20,14 @@ import numpy as np
 from .. import logging as logg
 from .._matrix import iter_row_blocks
 from .._progress import progress
-from ._base import Tokenizer, prepare_block
+from ._base import ColumnMap, Tokenizer, prepare_block
 from ._batch import TokenBatch
-from ._kernels import add_special_tokens, keep_first, row_ids, sort_within_rows
+from ._kernels import add_special_tokens, keep_first, sort_within_rows
 from ._medians import ExactMedians, HistogramMedians
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from anndata import AnnData
     from scipy import sparse
 
@@ -132,21 +134,33 @@ class GeneformerTokenizer(Tokenizer):
             cmap = self.column_map(adata, report=report)
         finally:
             self.medians = saved
-        nnz = _stored_values(adata, layer)
         if method == "auto":
-            method = "exact" if nnz <= max_exact_nnz else "histogram"
-        acc = {"exact": ExactMedians, "histogram": HistogramMedians}[method](cmap.n_slots)
+            method = "exact" if _stored_values(adata, layer) <= max_exact_nnz else "histogram"
         start = logg.info(f"fitting Geneformer gene medians ({method}) over {adata.n_obs} cells")
-        for _, _, block in progress(iter_row_blocks(adata, layer), desc="gene medians",
-                                    unit="block"):
-            Y, totals = prepare_block(block, cmap, require_integers=True)
+        blocks = ((block, cmap) for _, _, block in progress(
+            iter_row_blocks(adata, layer), desc="gene medians", unit="block"))
+        self.fit_blocks(blocks, method=method)
+        logg.info(f"    medians for {int(np.isfinite(self.medians).sum())} genes", time=start)
+        return self
+
+    def fit_blocks(self, blocks: Iterable[tuple[object, ColumnMap]], *,
+                   method: str = "histogram") -> GeneformerTokenizer:
+        """Set :attr:`medians` from a stream of ``(counts block, ColumnMap)`` pairs.
+
+        For corpora that do not fit one AnnData (e.g. cells streamed from the Census):
+        blocks may come from different sources, each with its own column map onto this
+        vocabulary. ``method="histogram"`` keeps memory constant (see :meth:`fit`).
+        """
+        n_special = len(self.vocab.special_tokens)
+        acc = {"exact": ExactMedians, "histogram": HistogramMedians}[method](self.vocab.n_genes)
+        for block, cmap in blocks:
+            Y, totals = prepare_block(block, cmap, require_integers=True, sort=False)
             with np.errstate(divide="ignore", invalid="ignore"):
                 scale = (TARGET_SUM / totals).astype(np.float32)
-            acc.update(Y.indices, Y.data * scale[row_ids(Y.indptr)])
-        medians = np.full(self.vocab.n_genes, np.nan)
-        medians[cmap.token_ids - len(self.vocab.special_tokens)] = acc.result()
-        self.medians = medians
-        logg.info(f"    medians for {int(np.isfinite(medians).sum())} genes", time=start)
+            # accumulate by vocabulary gene, so blocks with different columns add up
+            acc.update(cmap.token_ids[Y.indices] - n_special,
+                       Y.data * np.repeat(scale, np.diff(Y.indptr)))
+        self.medians = acc.result()
         return self
 
     # --- encoding --------------------------------------------------------------
