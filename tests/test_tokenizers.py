@@ -190,7 +190,7 @@ def test_geneformer_medians_exact_and_streaming(pbmc, vocab, geneformer):
 
 
 def test_geneformer_fit_from_a_stream_of_blocks(pbmc, vocab, geneformer):
-    adata, report = pbmc
+    adata, _ = pbmc
     tok = GeneformerTokenizer(vocab)
     # two sources whose columns differ (the second has them reversed): each block comes
     # with its own column map onto the one vocabulary
