@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
     from ..genes import GeneReport
 
+#: Counts per cell after normalization, as in all four source models.
+TARGET_SUM = 10_000.0
 _FORMAT = "sclcm.Tokenizer"
 _VERSION = 1
 REGISTRY: dict[str, type[Tokenizer]] = {}
@@ -64,6 +66,15 @@ class ColumnMap:
 
 def _as_csr(X) -> sparse.csr_matrix:
     return sparse.csr_matrix(X if sparse.issparse(X) else np.asarray(X))
+
+
+def normalized(Y: sparse.csr_matrix, totals: np.ndarray) -> np.ndarray:
+    """Stored values of ``Y`` as counts / the cell's total x 10,000 (float32)."""
+    with np.errstate(divide="ignore", invalid="ignore"):  # empty cells have no entries
+        scale = (TARGET_SUM / totals).astype(np.float32)
+    out = np.repeat(scale, np.diff(Y.indptr))
+    out *= Y.data
+    return out
 
 
 def prepare_block(X, cmap: ColumnMap, *, require_integers: bool,

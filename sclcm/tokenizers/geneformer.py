@@ -20,7 +20,7 @@ import numpy as np
 from .. import logging as logg
 from .._matrix import iter_row_blocks
 from .._progress import progress
-from ._base import ColumnMap, Tokenizer, prepare_block
+from ._base import ColumnMap, Tokenizer, normalized, prepare_block
 from ._batch import TokenBatch
 from ._kernels import add_special_tokens, keep_first, sort_within_rows
 from ._medians import ExactMedians, HistogramMedians
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 
     from ..genes import GeneReport, GeneVocab
 
-TARGET_SUM = 10_000.0
 
 
 class GeneformerTokenizer(Tokenizer):
@@ -155,11 +154,8 @@ class GeneformerTokenizer(Tokenizer):
         acc = {"exact": ExactMedians, "histogram": HistogramMedians}[method](self.vocab.n_genes)
         for block, cmap in blocks:
             Y, totals = prepare_block(block, cmap, require_integers=True, sort=False)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                scale = (TARGET_SUM / totals).astype(np.float32)
             # accumulate by vocabulary gene, so blocks with different columns add up
-            acc.update(cmap.token_ids[Y.indices] - n_special,
-                       Y.data * np.repeat(scale, np.diff(Y.indptr)))
+            acc.update(cmap.token_ids[Y.indices] - n_special, normalized(Y, totals))
         self.medians = acc.result()
         return self
 
@@ -167,10 +163,7 @@ class GeneformerTokenizer(Tokenizer):
     def _encode(self, Y: sparse.csr_matrix, totals: np.ndarray, token_ids: np.ndarray, *,
                 start: int) -> TokenBatch:
         inv = self._inverse_medians()[token_ids]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scale = (TARGET_SUM / totals).astype(np.float32)
-        values = np.repeat(scale, np.diff(Y.indptr))
-        values *= Y.data
+        values = normalized(Y, totals)
         values *= inv[Y.indices]
         values, slots = sort_within_rows(Y.indptr, values, Y.indices, descending=True)
         n_keep = self.max_len - (2 if self.special_tokens else 0)

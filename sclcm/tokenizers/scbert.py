@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._checks import InputError
-from ._base import ColumnMap, Tokenizer
+from ._base import ColumnMap, Tokenizer, normalized
 from ._batch import TokenBatch
 from ._kernels import row_ids
 
@@ -20,8 +20,6 @@ if TYPE_CHECKING:
     from scipy import sparse
 
     from ..genes import GeneVocab
-
-TARGET_SUM = 10_000.0
 
 
 class ScBERTTokenizer(Tokenizer):
@@ -72,9 +70,7 @@ class ScBERTTokenizer(Tokenizer):
         if n * panel >= 2**31:
             msg = f"A block of {n} cells x {panel} panel genes is too large; use smaller blocks."
             raise InputError(msg)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scale = (TARGET_SUM / totals).astype(np.float32)
-        level = np.log2(1 + Y.data * scale[row_ids(Y.indptr)])
+        level = np.log2(1 + normalized(Y, totals))
         level = np.minimum(np.floor(level), self.max_level).astype(np.float32)
         values = np.zeros((n, panel), dtype=np.float32)
         # panel position of each slot: token id minus the special tokens before genes

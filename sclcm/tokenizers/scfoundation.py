@@ -15,14 +15,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 
-from ._base import Tokenizer
+from ._base import Tokenizer, normalized
 from ._batch import TokenBatch
 from ._kernels import SLOT_BITS, keep_first, row_ids, sort_within_rows
 
 if TYPE_CHECKING:
     from ..genes import GeneVocab
-
-TARGET_SUM = 10_000.0
 
 
 class ScFoundationTokenizer(Tokenizer):
@@ -74,11 +72,9 @@ class ScFoundationTokenizer(Tokenizer):
 
     def _encode(self, Y: sparse.csr_matrix, totals: np.ndarray, token_ids: np.ndarray, *,
                 start: int, target_totals: np.ndarray | None = None) -> TokenBatch:
-        rows = row_ids(Y.indptr)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            scale = (TARGET_SUM / totals).astype(np.float32)
+        with np.errstate(divide="ignore"):  # an empty cell has depth -inf (and is dropped)
             depth_s = np.log10(totals)
-        values = np.log1p(Y.data * scale[rows]).astype(np.float32)
+        values = np.log1p(normalized(Y, totals))
         slots, indptr = Y.indices, Y.indptr.astype(np.int64)
         if self.max_len is not None and np.diff(indptr).max(initial=0) > self.max_len:
             top_vals, top_slots = sort_within_rows(indptr, values, slots, descending=True)

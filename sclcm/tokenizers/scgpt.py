@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._base import Tokenizer
+from ._base import Tokenizer, normalized
 from ._batch import TokenBatch
 from ._kernels import (
     SLOT_BITS,
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
     from ..genes import GeneVocab
 
-TARGET_SUM = 10_000.0
 # Stream ids for the hash, so tie-breaking and subsampling draw independent numbers.
 _TIES, _SUBSAMPLE = 0, 1
 
@@ -170,9 +169,7 @@ class ScGPTTokenizer(Tokenizer):
         if self.binned:
             values = self.bin_values(Y, cells, token_ids)
         else:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                scale = (TARGET_SUM / totals).astype(np.float32)
-            values = np.log1p(Y.data * scale[row_ids(Y.indptr)])
+            values = np.log1p(normalized(Y, totals))
         indptr, slots = Y.indptr.astype(np.int64), Y.indices.astype(np.int64)
         if self.include_zero_genes:
             n_slots = len(token_ids)
