@@ -11,4 +11,15 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-__all__ = ["InputError", "genes", "pl", "pp", "settings", "tokenizers"]
+_LAZY = ("models", "data")  # import torch / tiledbsoma only when used
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"sclcm.{name}")
+    msg = f"module 'sclcm' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+__all__ = ["InputError", "data", "genes", "models", "pl", "pp", "settings", "tokenizers"]

@@ -1,0 +1,258 @@
+"""ModelConfig: one dataclass describes every sclcm model; presets are data, not subclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from ..genes import GeneVocab
+
+Family = Literal["geneformer", "scgpt", "scbert", "scfoundation"]
+SIZES = ("tiny", "small", "base")
+VALUE_ENCODERS = ("none", "category", "continuous", "autobin")
+OBJECTIVES = ("none", "mlm", "bin", "value", "depth_value")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+ATTN_IMPLEMENTATIONS = ("auto", "flash", "sdpa", "math")
+
+# (n_layers, d_model, n_heads, d_ff) per family and size. Published shapes where they exist:
+# Geneformer gf-6L-30M (small) and V2-104M (base); scGPT whole-human (base, 12 x 512, 8 heads,
+# d_hid 512); scBERT (base, 6 x 200, 10 heads); scFoundation 100M encoder (base, 12 x 768).
+# "tiny" is for tests and CI.
+_SHAPES = {
+    "geneformer": {"tiny": (2, 64, 2, 128), "small": (6, 256, 4, 512),
+                   "base": (12, 768, 12, 3072)},
+    "scgpt": {"tiny": (2, 64, 2, 64), "small": (6, 256, 4, 256), "base": (12, 512, 8, 512)},
+    "scbert": {"tiny": (2, 64, 2, 128), "small": (4, 128, 4, 512), "base": (6, 200, 10, 800)},
+    "scfoundation": {"tiny": (2, 64, 2, 128), "small": (6, 256, 4, 1024),
+                     "base": (12, 768, 12, 3072)},
+}
+# scFoundation's lighter decoder (published: 6 x 512, 8 heads).
+_DECODER_SHAPES = {"tiny": (1, 32, 2, 64), "small": (2, 128, 4, 512), "base": (6, 512, 8, 2048)}
+_FAMILY = {
+    "geneformer": dict(value_encoder="none", objective="mlm", norm="post", activation="relu",
+                       max_position=4096, type_vocab_size=2, norm_eps=1e-12, dropout=0.02,
+                       attn_dropout=0.02, pooling="mean"),
+    "scgpt": dict(value_encoder="category", n_bins=51, objective="value", mvc=True, norm="post",
+                  activation="relu", dropout=0.2, attn_dropout=0.2, pooling="cls"),
+    "scbert": dict(value_encoder="category", n_bins=6, objective="bin", norm="pre",
+                   activation="gelu", dropout=0.0, attn_dropout=0.0, pooling="mean"),
+    "scfoundation": dict(value_encoder="autobin", n_bins=100, objective="depth_value",
+                         depth_tokens=True, norm="pre", activation="gelu", dropout=0.0,
+                         attn_dropout=0.0, pooling="mean"),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Everything that builds a :class:`~sclcm.models.CellModel`; saved as ``config.json``.
+
+    Make one with :meth:`preset`; any field can be overridden.
+
+    Attributes
+    ----------
+    tokenizer
+        The tokenizer family the model reads: ``"geneformer"``, ``"scgpt"``, ``"scbert"``
+        or ``"scfoundation"``.
+    vocab_size, n_special_tokens, pad_id, mask_id, cls_id
+        Taken from the :class:`~sclcm.genes.GeneVocab` (``cls_id`` is -1 when the vocabulary
+        has no ``<cls>``); checked against the vocabulary on every load.
+    n_layers, d_model, n_heads, d_ff
+        Encoder shape.
+    norm
+        ``"post"`` (BERT, scGPT) or ``"pre"`` (nanoGPT-style) layer norm in the blocks.
+    activation
+        ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"silu"``.
+    max_position
+        Learned absolute positions (Geneformer's rank order); 0 for none, where gene order
+        means nothing.
+    type_vocab_size
+        BERT's token-type embedding rows (only row 0 is used); 0 for none.
+    embed_norm
+        Layer norm over the summed input embeddings (BERT).
+    value_encoder
+        ``"none"`` (Geneformer), ``"category"`` (embedding per bin: scGPT, scBERT),
+        ``"continuous"`` (MLP on the value: scGPT's continuous mode) or ``"autobin"``
+        (scFoundation's auto-discretization).
+    n_bins
+        Bins of the category encoder and bin head, or of auto-discretization.
+    objective
+        Pretraining head: ``"mlm"`` (gene identity over the vocabulary), ``"bin"``
+        (bin classification), ``"value"`` (value regression), ``"depth_value"``
+        (scFoundation's decoder, read-depth aware) or ``"none"``.
+    mvc
+        scGPT's cell-embedding decoder: predicts each gene's value from the cell embedding.
+    depth_tokens
+        Two read-depth tokens per cell (scFoundation's T and S, from the batch extras).
+    decoder_layers, decoder_d_model, decoder_heads, decoder_d_ff
+        scFoundation's decoder, run over all (or a sample of) genes.
+    pooling
+        Cell embedding: ``"cls"`` (the first token's state) or ``"mean"`` (over genes).
+    n_classes
+        Classification head for fine-tuning (0 for none).
+    attn_implementation
+        ``"auto"`` (flash-attn when installed and the input is CUDA half precision, else
+        ``"sdpa"``), ``"flash"``, ``"sdpa"`` or ``"math"`` (the plain reference).
+    """
+
+    tokenizer: Family = "geneformer"
+    vocab_size: int = 0
+    n_special_tokens: int = 4
+    pad_id: int = 0
+    mask_id: int = 1
+    cls_id: int = 2
+    n_layers: int = 6
+    d_model: int = 256
+    n_heads: int = 4
+    d_ff: int = 512
+    norm: Literal["pre", "post"] = "post"
+    activation: str = "gelu"
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    max_position: int = 0
+    type_vocab_size: int = 0
+    embed_norm: bool = True
+    value_encoder: str = "none"
+    n_bins: int = 0
+    objective: str = "mlm"
+    tie_word_embeddings: bool = True
+    mvc: bool = False
+    depth_tokens: bool = False
+    decoder_layers: int = 0
+    decoder_d_model: int = 0
+    decoder_heads: int = 0
+    decoder_d_ff: int = 0
+    pooling: Literal["cls", "mean"] = "mean"
+    n_classes: int = 0
+    initializer_range: float = 0.02
+    attn_implementation: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. import source)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @classmethod
+    def preset(cls, name: Family, size: str = "small", *, vocab: GeneVocab | None = None,
+               **overrides: Any) -> ModelConfig:
+        """The configuration of a model family at a named size.
+
+        Parameters
+        ----------
+        name
+            ``"geneformer"``, ``"scgpt"``, ``"scbert"`` or ``"scfoundation"``.
+        size
+            ``"tiny"`` (tests), ``"small"`` or ``"base"``.
+        vocab
+            Fills ``vocab_size`` and the special-token ids.
+        **overrides
+            Any field of the config.
+
+        Examples
+        --------
+        >>> cfg = ModelConfig.preset("geneformer", "small", vocab_size=100)
+        >>> cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.norm
+        (6, 256, 4, 'post')
+        """
+        if name not in _SHAPES:
+            msg = f"Unknown preset {name!r}; choose one of {sorted(_SHAPES)}."
+            raise ValueError(msg)
+        if size not in SIZES:
+            msg = f"Unknown size {size!r}; choose one of {list(SIZES)}."
+            raise ValueError(msg)
+        n_layers, d_model, n_heads, d_ff = _SHAPES[name][size]
+        kw: dict[str, Any] = dict(tokenizer=name, n_layers=n_layers, d_model=d_model,
+                                  n_heads=n_heads, d_ff=d_ff, **_FAMILY[name])
+        if name == "geneformer" and size == "small":
+            kw["max_position"] = 2048  # gf-6L-30M-i2048
+        if name == "scfoundation":
+            dl, dd, dh, dff = _DECODER_SHAPES[size]
+            kw.update(decoder_layers=dl, decoder_d_model=dd, decoder_heads=dh, decoder_d_ff=dff)
+        if vocab is not None:
+            kw.update(vocab_fields(vocab))
+        kw.update(overrides)
+        return cls(**kw)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on an inconsistent configuration."""
+        checks = [
+            (self.d_model % max(self.n_heads, 1) == 0 and self.n_heads > 0,
+             f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}"),
+            (self.norm in ("pre", "post"), f"norm must be 'pre' or 'post', not {self.norm!r}"),
+            (self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}"),
+            (self.value_encoder in VALUE_ENCODERS,
+             f"value_encoder must be one of {VALUE_ENCODERS}"),
+            (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}"),
+            (self.pooling in ("cls", "mean"), "pooling must be 'cls' or 'mean'"),
+            (self.attn_implementation in ATTN_IMPLEMENTATIONS,
+             f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}"),
+            ((self.value_encoder not in ("category", "autobin") and self.objective != "bin")
+             or self.n_bins > 0, "n_bins must be > 0 for bins"),
+            (self.objective != "depth_value" or self.decoder_layers > 0,
+             "objective 'depth_value' needs decoder_layers > 0"),
+            (self.decoder_layers == 0 or (self.decoder_heads > 0
+                                          and self.decoder_d_model % self.decoder_heads == 0),
+             "decoder_d_model must be a multiple of decoder_heads"),
+            (self.pooling != "cls" or self.cls_id >= 0,
+             "pooling='cls' needs a <cls> token in the vocabulary (cls_id >= 0)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"Invalid ModelConfig: {msg}.")
+
+    # --- JSON ----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            msg = (f"config has fields this sclcm does not know: {unknown}; it was written by "
+                   "a newer sclcm, upgrade to read it.")
+            raise ValueError(msg)
+        return cls(**d)
+
+
+def vocab_fields(vocab: GeneVocab) -> dict[str, int]:
+    """The config fields a vocabulary determines."""
+    return dict(vocab_size=len(vocab), n_special_tokens=len(vocab.special_tokens),
+                pad_id=vocab.pad_id, mask_id=vocab.mask_id,
+                cls_id=vocab.cls_id if "<cls>" in vocab else -1)
+
+
+def check_vocab(config: ModelConfig, vocab: GeneVocab) -> None:
+    """Raise ``ValueError`` when ``vocab`` is not the vocabulary ``config`` was built for."""
+    want, got = vocab_fields(vocab), {k: getattr(config, k) for k in vocab_fields(vocab)}
+    if want != got:
+        diff = {k: (got[k], want[k]) for k in want if want[k] != got[k]}
+        msg = (f"The vocabulary does not fit the model: (model, vocabulary) differ in {diff}. "
+               "Use the vocabulary saved with the model (model.vocab), or build the config "
+               "with ModelConfig.preset(..., vocab=vocab).")
+        raise ValueError(msg)
+
+
+def check_inputs(config: ModelConfig, gene_ids: torch.Tensor, offsets: torch.Tensor,
+                 values: torch.Tensor | None, masked: torch.Tensor | None,
+                 depth: torch.Tensor | None, *, needs_values: bool) -> None:
+    """Raise ``ValueError`` naming every way the packed input does not fit the model."""
+    T, problems = len(gene_ids), []
+    if offsets.ndim != 1 or len(offsets) < 1 or int(offsets[0]) != 0 or \
+            int(offsets[-1]) != T or bool((offsets.diff() < 0).any()):
+        problems.append(f"offsets must rise from 0 to the number of tokens ({T})")
+    if T and (int(gene_ids.min()) < 0 or int(gene_ids.max()) >= config.vocab_size):
+        problems.append(f"gene_ids must lie in 0..{config.vocab_size - 1} (the vocabulary); "
+                        "was the input tokenized with this model's vocabulary?")
+    if needs_values and (values is None or values.shape != gene_ids.shape):
+        problems.append(f"values (one per token) are required by value_encoder="
+                        f"{config.value_encoder!r}")
+    if masked is not None and (masked.dtype != torch.bool or masked.shape != gene_ids.shape):
+        problems.append("masked must be a bool tensor with one flag per token")
+    if config.depth_tokens and (depth is None or tuple(depth.shape) != (len(offsets) - 1, 2)):
+        problems.append("depth (n_cells x 2: the batch's depth_T and depth_S) is required")
+    if problems:
+        raise ValueError("Bad model input: " + "; ".join(problems) + ".")
