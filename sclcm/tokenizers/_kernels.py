@@ -63,8 +63,11 @@ def sort_within_rows(indptr: np.ndarray, values: np.ndarray, slots: np.ndarray, 
 
 def keep_first(indptr: np.ndarray, n_keep: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
     """Mask of the first ``n_keep`` entries of each row, and the new ``indptr``."""
-    lengths = np.minimum(np.diff(indptr), n_keep)
-    mask = positions_in_row(indptr) < np.repeat(lengths, np.diff(indptr))
+    full = np.diff(indptr)
+    if np.all(full <= n_keep):  # nothing to cut (the common case): skip the per-entry work
+        return np.ones(int(indptr[-1]), dtype=bool), indptr
+    lengths = np.minimum(full, n_keep)
+    mask = positions_in_row(indptr) < np.repeat(lengths, full)
     new = np.zeros_like(indptr)
     np.cumsum(lengths, out=new[1:])
     return mask, new

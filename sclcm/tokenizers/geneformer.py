@@ -168,8 +168,9 @@ class GeneformerTokenizer(Tokenizer):
         values, slots = sort_within_rows(Y.indptr, values, Y.indices, descending=True)
         n_keep = self.max_len - (2 if self.special_tokens else 0)
         mask, indptr = keep_first(Y.indptr, n_keep)
-        ids = token_ids[slots[mask]]
-        values = values[mask]
+        if not mask.all():
+            slots, values = slots[mask], values[mask]
+        ids = token_ids[slots]
         if self.special_tokens:
             ids, values, offsets = add_special_tokens(indptr, ids, values,
                                                       first=self.vocab.cls_id,
