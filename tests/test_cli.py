@@ -43,6 +43,8 @@ def test_demo(tmp_path):
     assert set(tokens["family"]) == {"geneformer", "scgpt", "scbert", "scfoundation"}
     assert len(tokens) == 8
     assert (tokens["cells"] > 0).all()
+    assert "streamed a tokenized epoch" in res.stdout
+    assert (out / "census").is_dir()
 
 
 def test_demo_without_data(tmp_path):
