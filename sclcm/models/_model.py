@@ -214,7 +214,7 @@ class CellModel(nn.Module):
                 decoder_offsets: torch.Tensor | None = None,
                 output_hidden_states: bool | Sequence[int] = False,
                 attn_implementation: str | None = None, heads: bool = True,
-                upto: int | None = None) -> dict[str, Any]:
+                upto: int | None = None, replace_masked: bool = True) -> dict[str, Any]:
         """Run packed cells through the model.
 
         Parameters
@@ -242,6 +242,11 @@ class CellModel(nn.Module):
             ``False`` skips the heads (embeddings only).
         upto
             Stop after this block (for an inner layer's embeddings; skips the heads).
+        replace_masked
+            Geneformer: replace the ids of ``masked`` tokens by ``<mask>``. ``False`` when
+            the caller corrupted them already (BERT's 80/10/10, see
+            :class:`sclcm.data.MaskingCollator`); ``masked`` still marks what the head
+            predicts.
 
         Returns
         -------
@@ -262,7 +267,7 @@ class CellModel(nn.Module):
             raise ValueError(msg)
         inp = Packing(offsets, backend=backend)
         ids = gene_ids.masked_fill(masked, cfg.mask_id) if masked is not None and \
-            cfg.objective == "mlm" else gene_ids
+            cfg.objective == "mlm" and replace_masked else gene_ids
 
         # Encoder layout: scFoundation leaves masked tokens out and adds read-depth tokens.
         enc, enc_ids, enc_values, enc_masked, kind = inp, ids, values, masked, None
