@@ -19,14 +19,13 @@ changes the order; :meth:`~CellStream.set_shard` says which rank reads.
 from ._anndata import AnnDataStream
 from ._block import CellBlock, GeneSpace
 from ._census_stream import CensusStream
-from .collate import MaskingCollator
 from ._corpus import CorpusStream
 from ._local_census import write_local_census
 from ._plan import epoch_seed
 from ._stream import CellStream, ChunkedStream, TokenizedStream
+from .collate import MaskingCollator
 
 __all__ = [
-    "MaskingCollator",
     "AnnDataStream",
     "CellBlock",
     "CellDataModule",
@@ -35,6 +34,7 @@ __all__ = [
     "ChunkedStream",
     "CorpusStream",
     "GeneSpace",
+    "MaskingCollator",
     "TokenizedStream",
     "epoch_seed",
     "write_local_census",
