@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import genes, pl, pp, tokenizers
+from . import genes, pl, pp, tl, tokenizers
 from ._checks import InputError
 from ._settings import settings
 
@@ -22,4 +22,4 @@ def __getattr__(name: str):
     msg = f"module 'sclcm' has no attribute {name!r}"
     raise AttributeError(msg)
 
-__all__ = ["InputError", "data", "genes", "models", "pl", "pp", "settings", "tokenizers"]
+__all__ = ["InputError", "data", "genes", "models", "pl", "pp", "settings", "tl", "tokenizers"]

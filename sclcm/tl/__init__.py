@@ -1,0 +1,8 @@
+"""Tools: what users run on an AnnData; results land in ``obsm`` / ``varm`` / ``uns``.
+
+Tools load torch only when called, so ``import sclcm`` stays light.
+"""
+
+from ._model_ref import DEFAULT_MODEL, get_model, shipped_models
+
+__all__ = ["DEFAULT_MODEL", "get_model", "shipped_models"]
