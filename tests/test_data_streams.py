@@ -203,6 +203,25 @@ def test_bad_arguments_say_what_to_do(load):
         AnnDataStream(np.zeros(3))
 
 
+def test_rows_read_a_subset_of_cells(load):
+    adata = load(KANG_IFNB)
+    rows = np.random.default_rng(0).choice(N_KANG, 300, replace=False)
+    stream = kang(rows=[rows], obs_columns=["cell_type"])
+    assert len(stream) == 3
+    seen = []
+    for block in stream:
+        assert (adata.X[block.cell_ids] != block.X).nnz == 0
+        assert block.obs.index.equals(adata.obs_names[block.cell_ids])
+        seen.append(block.cell_ids)
+    assert np.array_equal(np.sort(np.concatenate(seen)), np.sort(rows))
+    stream.set_shard(1, 2)
+    assert set(ids_of(stream)) < set(rows)
+    with pytest.raises(IndexError, match="rows of source 0 must lie in"):
+        kang(rows=[[N_KANG]])
+    with pytest.raises(ValueError, match="one entry per source"):
+        kang(rows=[rows, rows])
+
+
 # --- tokenized corpora --------------------------------------------------------------------
 def test_corpus_stream_covers_the_corpus_and_reshuffles(load):
     adata = load(KANG_IFNB)

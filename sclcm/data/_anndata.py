@@ -30,10 +30,15 @@ class _Source:
     adata: AnnData | None  # an in-memory AnnData given by the caller
     obs: pd.DataFrame
     columns: np.ndarray | None  # position of each var in the stream's genes; None: same
+    rows: np.ndarray | None = None  # the rows the stream reads (ascending); None: all
 
     @property
     def n_obs(self) -> int:
         return len(self.obs)
+
+    @property
+    def n_read(self) -> int:
+        return self.n_obs if self.rows is None else len(self.rows)
 
 
 class AnnDataStream(ChunkedStream):
@@ -57,6 +62,10 @@ class AnnDataStream(ChunkedStream):
         Read files ``backed="r"`` (``False`` loads each file into every reading process).
     species
         Species of the genes (for tokenizers); inferred from the names when ``None``.
+    rows
+        Per source, the rows to read (e.g. a training or held-out split); ``None`` for
+        all rows of every source, or ``None`` in place of one source's array. Cell ids stay
+        the rows of the whole sources.
     block_size, chunk_size, buffer_size, shuffle, seed, even_shards, rank, world_size
         See :class:`~sclcm.data.ChunkedStream` and :mod:`sclcm.data`.
 
@@ -75,7 +84,8 @@ class AnnDataStream(ChunkedStream):
 
     def __init__(self, data: AnnData | str | Path | Sequence[AnnData | str | Path], *,
                  layer: str | None = None, obs_columns: Sequence[str] | None = None,
-                 backed: bool = True, species: str | None = None, block_size: int = 1024,
+                 backed: bool = True, species: str | None = None,
+                 rows: Sequence[np.ndarray | None] | None = None, block_size: int = 1024,
                  chunk_size: int = 64, buffer_size: int | None = 16_384, shuffle: bool = True,
                  seed: int = 0, even_shards: bool = True, rank: int = 0,
                  world_size: int = 1) -> None:
@@ -93,6 +103,8 @@ class AnnDataStream(ChunkedStream):
         self.genes = GeneSpace(var, species=species)
         self.sources = [_Source(path, adata, obs[cols], col)
                         for (path, obs, _, adata), col in zip(metas, columns, strict=True)]
+        for src, keep in zip(self.sources, _check_rows(rows, self.sources), strict=True):
+            src.rows = keep
         self.offsets = np.concatenate([[0], np.cumsum([s.n_obs for s in self.sources])])
         self._handles: dict[int, Any] = {}
 
@@ -102,7 +114,7 @@ class AnnDataStream(ChunkedStream):
         return state
 
     def _sizes(self) -> list[int]:
-        return [s.n_obs for s in self.sources]
+        return [s.n_read for s in self.sources]
 
     def _matrix(self, i: int):
         """The count matrix of source ``i``, opening the file in this process if needed."""
@@ -123,13 +135,18 @@ class AnnDataStream(ChunkedStream):
         n_genes = self.genes.n_genes
         for i, start, stop in ranges:
             src = self.sources[i]
-            X = as_csr(self._matrix(i)[start:stop])
+            if src.rows is None:
+                X = as_csr(self._matrix(i)[start:stop])
+                rows = np.arange(start, stop, dtype=np.int64)
+            else:  # read the span of the chosen rows (one sequential read), keep those
+                rows = src.rows[start:stop]
+                X = as_csr(self._matrix(i)[int(rows[0]):int(rows[-1]) + 1])[rows - rows[0]]
             if src.columns is not None:
                 X = sparse.csr_matrix((X.data, src.columns[X.indices], X.indptr),
                                       shape=(X.shape[0], n_genes))
             Xs.append(X)
-            obs.append(src.obs.iloc[start:stop])
-            ids.append(np.arange(start, stop, dtype=np.int64) + self.offsets[i])
+            obs.append(src.obs.iloc[rows] if src.rows is not None else src.obs.iloc[start:stop])
+            ids.append(rows + self.offsets[i])
         if not Xs:
             return CellBlock(sparse.csr_matrix((0, n_genes), dtype=np.float32),
                              self.sources[0].obs.iloc[:0], self.genes, np.zeros(0, np.int64))
@@ -215,6 +232,30 @@ def _describe(item) -> tuple[Path | None, pd.DataFrame, pd.DataFrame, AnnData | 
         return None, item.obs, item.var, item
     msg = f"Expected an AnnData or a path to an .h5ad file, not {type(item).__name__}."
     raise TypeError(msg)
+
+
+def _check_rows(rows, sources: list[_Source]) -> list[np.ndarray | None]:
+    """``rows`` as one ascending, unique int64 array (or ``None``) per source."""
+    if rows is None:
+        return [None] * len(sources)
+    if len(rows) != len(sources):
+        msg = f"rows must hold one entry per source ({len(sources)}), not {len(rows)}."
+        raise ValueError(msg)
+    out = []
+    for i, (keep, src) in enumerate(zip(rows, sources, strict=True)):
+        if keep is not None:
+            keep = np.asarray(keep)
+            if keep.dtype == bool:
+                if len(keep) != src.n_obs:
+                    msg = f"A boolean rows mask of source {i} needs {src.n_obs} entries."
+                    raise ValueError(msg)
+                keep = np.flatnonzero(keep)
+            keep = np.unique(keep.astype(np.int64))  # sorted: reads go forward in a file
+            if len(keep) and (keep[0] < 0 or keep[-1] >= src.n_obs):
+                msg = f"rows of source {i} must lie in 0..{src.n_obs - 1}."
+                raise IndexError(msg)
+        out.append(keep)
+    return out
 
 
 def _obs_columns(obs: list[pd.DataFrame], wanted: Sequence[str] | None) -> list[str]:

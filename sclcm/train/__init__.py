@@ -1,0 +1,46 @@
+"""Pretraining: a LightningModule per objective, token-budget micro-batches, exact resume.
+
+- :func:`pretrain` runs a whole configuration (``sclcm pretrain --config ...``): builds
+  the streams, vocabulary and fitted tokenizer, trains with Lightning, saves the model
+  (``save_pretrained``) and its held-out metrics.
+- :class:`PretrainModule`: the loss of ``model.config.objective`` on masked tokens, AdamW
+  with warmup + cosine decay, a guard against non-finite losses.
+- :class:`PretrainDataModule` / :class:`MicroBatchLoader`: stream blocks cut into
+  micro-batches of at most ``max_tokens`` padded tokens, cells grouped by length; the data
+  position is saved in every checkpoint.
+- :func:`load_config` and :class:`PretrainConfig`: the YAML configuration; presets ship in
+  ``sclcm/train/configs``.
+"""
+
+from ._batching import MicroBatch, group_by_length, micro_batches, split_further
+from ._config import ConfigError, PretrainConfig, load_config
+from ._datamodule import PretrainDataModule
+from ._module import (
+    NonFiniteLossError,
+    PretrainModule,
+    WarmupCosine,
+    model_from_checkpoint,
+)
+from ._objectives import FrequencyBaseline, evaluate, masked_losses
+from ._resume import MicroBatchLoader
+from ._run import pretrain
+
+__all__ = [
+    "ConfigError",
+    "FrequencyBaseline",
+    "MicroBatch",
+    "MicroBatchLoader",
+    "NonFiniteLossError",
+    "PretrainConfig",
+    "PretrainDataModule",
+    "PretrainModule",
+    "WarmupCosine",
+    "evaluate",
+    "group_by_length",
+    "load_config",
+    "masked_losses",
+    "micro_batches",
+    "model_from_checkpoint",
+    "pretrain",
+    "split_further",
+]

@@ -1,0 +1,217 @@
+"""From a config to what training reads: streams, vocabulary, fitted tokenizer, baseline.
+
+One pass over (up to ``data.stats_cells``) training cells counts in how many cells each
+reference gene is detected, which restricts the vocabulary to the genes of the data
+(small models stay small) and picks scBERT's panel; Geneformer's gene medians are fit in
+the same pass. A second pass over the tokenized cells fits the frequency baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import logging as logg
+from ..genes import GeneVocab
+from ._config import ConfigError, data_paths, expand
+from ._objectives import FrequencyBaseline
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from ..data import CellBlock, CellStream
+    from ..models import ModelConfig
+    from ..tokenizers import Tokenizer
+    from ._config import PretrainConfig
+
+DEFAULT_HELD_OUT_FRACTION = 0.05
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` makes from a config."""
+
+    train: CellStream
+    held_out: CellStream | None
+    vocab: GeneVocab
+    tokenizer: Tokenizer
+    summary: dict[str, Any]
+
+
+# --- streams --------------------------------------------------------------------------
+def build_streams(cfg: PretrainConfig) -> tuple[CellStream, CellStream | None]:
+    """The training stream (shuffled by ``(trainer.seed, epoch)``) and the held-out one (in
+    order), both of raw-count :class:`~sclcm.data.CellBlock` s."""
+    d, seed = cfg.data, cfg.trainer.seed
+    blocks = dict(block_size=d.block_size, chunk_size=d.chunk_size, seed=seed)
+    if d.census is not None:
+        return _census_streams(cfg, blocks)
+    from ..data import AnnDataStream
+
+    files = data_paths(cfg, d.h5ad, key="data.h5ad")
+    opts = dict(layer=d.layer, **blocks)
+    if d.held_out_files:
+        held = data_paths(cfg, d.held_out_files, key="data.held_out_files")
+        return (AnnDataStream(files, buffer_size=d.buffer_size, **opts),
+                AnnDataStream(held, shuffle=False, **opts))
+    fraction = DEFAULT_HELD_OUT_FRACTION if d.held_out_fraction is None else d.held_out_fraction
+    if fraction == 0:
+        return AnnDataStream(files, buffer_size=d.buffer_size, **opts), None
+    whole = AnnDataStream(files, **opts)
+    # a random fraction of each file's cells, at most held_out_max_cells in all
+    rng = np.random.default_rng(seed)
+    sizes = [src.n_obs for src in whole.sources]
+    n_held = [round(fraction * n) for n in sizes]
+    cap = d.held_out_max_cells / max(sum(n_held), 1)
+    if cap < 1:
+        n_held = [int(k * cap) for k in n_held]
+    perms = [rng.permutation(n) for n in sizes]
+    held_rows = [p[:k] for p, k in zip(perms, n_held, strict=True)]
+    train_rows = [p[k:] for p, k in zip(perms, n_held, strict=True)]
+    train = AnnDataStream(files, rows=train_rows, buffer_size=d.buffer_size, **opts)
+    held = AnnDataStream(files, rows=held_rows, shuffle=False, **opts)
+    return train, held
+
+
+def _census_streams(cfg: PretrainConfig, blocks: dict) -> tuple[CellStream, CellStream | None]:
+    from ..data import CensusStream
+
+    c, d = cfg.data.census, cfg.data
+    uri = expand(c.uri, key="data.census.uri") if c.uri is not None else None
+    if uri is not None and "://" not in uri and cfg.source:
+        from pathlib import Path
+
+        path = Path(uri)
+        uri = str(path if path.is_absolute() else Path(cfg.source).parent / path)
+
+    def stream(value_filter: str | None, *, shuffle: bool) -> CensusStream:
+        kw = {} if d.buffer_size is None else {"buffer_size": d.buffer_size}
+        return CensusStream(uri=uri, census_version=c.census_version, organism=c.organism,
+                            value_filter=value_filter, var_value_filter=c.var_value_filter,
+                            shuffle=shuffle, **blocks, **kw)
+
+    def both(*filters: str | None) -> str | None:
+        return " and ".join(f"({f})" for f in filters if f) or None
+
+    if d.held_out_filter is None:
+        logg.warning("data.census has no held_out_filter: no held-out cells, so no held-out "
+                     "loss or baseline in the metrics.")
+        return stream(c.obs_value_filter, shuffle=True), None
+    return (stream(both(c.obs_value_filter, f"not ({d.held_out_filter})"), shuffle=True),
+            stream(both(c.obs_value_filter, d.held_out_filter), shuffle=False))
+
+
+def first_blocks(stream: CellStream, n_cells: int) -> Iterator[CellBlock]:
+    """Blocks of epoch 0 of ``stream`` until ``n_cells`` cells (a random sample of the
+    cells when it shuffles)."""
+    stream.set_epoch(0)
+    seen = 0
+    for block in stream:
+        yield block
+        seen += block.n_cells
+        if seen >= n_cells:
+            return
+
+
+# --- vocabulary and tokenizer ---------------------------------------------------------
+def reference_vocab(cfg: PretrainConfig) -> GeneVocab:
+    v = cfg.vocab
+    if v.path is not None:
+        return GeneVocab.load(expand(v.path, key="vocab.path"))
+    return GeneVocab.from_reference(v.species, biotypes=v.biotypes)
+
+
+def gene_statistics(cfg: PretrainConfig, train: CellStream, reference: GeneVocab
+                    ) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Per reference gene: cells it is detected in, and (Geneformer) its non-zero median
+    of normalized expression; and the number of cells read."""
+    from ..tokenizers import GeneformerTokenizer, ScFoundationTokenizer
+
+    geneformer = cfg.family == "geneformer"
+    # any family's column map will do for counting; Geneformer's is needed for medians
+    mapper = GeneformerTokenizer(reference) if geneformer else ScFoundationTokenizer(reference)
+    detected = np.zeros(len(reference), dtype=np.int64)
+    n_cells = 0
+
+    def blocks():  # counts detection on the way through the median fit
+        nonlocal n_cells
+        for block in first_blocks(train, cfg.data.stats_cells):
+            cmap = block.column_map(mapper)
+            X = block.X
+            slots = cmap.slot[X.indices]
+            hit = (slots >= 0) & (X.data != 0)
+            detected[:] += np.bincount(cmap.token_ids[slots[hit]], minlength=len(reference))
+            n_cells += block.n_cells
+            yield X, cmap
+
+    if geneformer:
+        mapper.fit_blocks(blocks(), method=cfg.tokenizer.medians)
+        medians = mapper.medians
+    else:
+        for _ in blocks():
+            pass
+        medians = None
+    return detected, medians, n_cells
+
+
+def build_vocab_and_tokenizer(cfg: PretrainConfig, train: CellStream
+                              ) -> tuple[GeneVocab, Tokenizer, dict[str, Any]]:
+    """The vocabulary (restricted to the training genes, or scBERT's panel) and the
+    tokenizer of ``cfg.family`` over it, fitted on the training cells."""
+    from ..tokenizers import (
+        GeneformerTokenizer,
+        ScBERTTokenizer,
+        ScFoundationTokenizer,
+        ScGPTTokenizer,
+    )
+
+    start = logg.info(f"reading up to {cfg.data.stats_cells:,} training cells for the "
+                      "vocabulary and tokenizer")
+    reference = reference_vocab(cfg)
+    detected, medians, n_cells = gene_statistics(cfg, train, reference)
+    n_special = len(reference.special_tokens)
+    genes = detected[n_special:]
+    keep = genes >= cfg.vocab.min_cells if cfg.vocab.restrict_to_data else \
+        np.ones(reference.n_genes, dtype=bool)
+    if cfg.family == "scbert":  # the panel: most-detected genes, in vocabulary order
+        score = np.where(keep, genes, 0)
+        top = np.argsort(-score, kind="stable")[:cfg.tokenizer.panel_size]
+        keep = np.zeros_like(keep)
+        keep[top[score[top] > 0]] = True
+    if not keep.any():
+        msg = ("No gene of the vocabulary is detected in the training cells: check the data "
+               f"holds raw counts of {reference.species} genes (vocab.species) and "
+               "sclcm.genes.resolve(adata) finds them.")
+        raise ConfigError(msg)
+    vocab = GeneVocab(reference.genes[keep], species=reference.species,
+                      special_tokens=reference.special_tokens)
+    classes = {"geneformer": GeneformerTokenizer, "scgpt": ScGPTTokenizer,
+               "scbert": ScBERTTokenizer, "scfoundation": ScFoundationTokenizer}
+    options = dict(cfg.tokenizer.options)
+    if cfg.family == "geneformer":
+        options["medians"] = medians[keep]
+    try:
+        tokenizer = classes[cfg.family](vocab, **options)
+    except TypeError as e:
+        msg = f"tokenizer.options do not fit the {cfg.family} tokenizer: {e}"
+        raise ConfigError(msg) from None
+    logg.info(f"    {n_cells:,} cells: {vocab.n_genes:,} of {reference.n_genes:,} reference "
+              f"genes in the vocabulary; {tokenizer!r}", time=start)
+    return vocab, tokenizer, {"stats_cells": n_cells, "reference_genes": reference.n_genes,
+                              "vocab_genes": vocab.n_genes}
+
+
+def fit_baseline(cfg: PretrainConfig, train: CellStream, tokenizer: Tokenizer,
+                 config: ModelConfig) -> FrequencyBaseline:
+    """The frequency baseline from up to ``data.stats_cells`` tokenized training cells."""
+    blocks = first_blocks(train, cfg.data.stats_cells)
+    return FrequencyBaseline.fit((b.tokenize(tokenizer) for b in blocks), config)
+
+
+def prepare(cfg: PretrainConfig) -> Prepared:
+    """Streams, vocabulary and fitted tokenizer of a run."""
+    train, held = build_streams(cfg)
+    vocab, tokenizer, summary = build_vocab_and_tokenizer(cfg, train)
+    return Prepared(train, held, vocab, tokenizer, summary)

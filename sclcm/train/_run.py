@@ -1,0 +1,225 @@
+"""``pretrain(config)``: a whole run, from a config to a saved model and its metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import logging as logg
+from .._settings import settings
+from ._config import expand, load_config
+from ._module import PretrainModule
+from ._objectives import evaluate
+from ._prepare import fit_baseline, prepare
+from ._resume import MicroBatchLoader
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import lightning as L
+
+    from ..models import CellModel
+    from ._config import PretrainConfig, TrainerConfig
+
+METRICS = "metrics.json"
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``"auto"``: bf16 mixed precision on a CUDA GPU (fp16 on GPUs without bf16), else
+    32-bit; other values are passed to Lightning as they are."""
+    if precision != "auto":
+        return precision
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def build_strategy(t: TrainerConfig) -> Any:
+    """Lightning's strategy; ``fsdp`` shards per transformer block (and checkpoints the
+    blocks' activations when ``activation_checkpointing``)."""
+    if t.strategy == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from ..models._model import Block
+
+        return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full",
+                            activation_checkpointing_policy={Block}
+                            if t.activation_checkpointing else None)
+    if t.activation_checkpointing:
+        logg.warning("trainer.activation_checkpointing is applied with strategy 'fsdp' only.")
+    return t.strategy
+
+
+def build_trainer(cfg: PretrainConfig, out_dir: Path, *, validate: bool,
+                  callbacks: Sequence[L.Callback] = ()) -> L.Trainer:
+    """The Lightning ``Trainer`` of a run: step-based (``max_steps``, validation and
+    checkpoints every so many steps), CSV logs and checkpoints under ``out_dir``."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    t, o = cfg.trainer, cfg.optim
+    callbacks = list(callbacks)
+    if t.checkpoint_every:
+        callbacks.append(ModelCheckpoint(
+            dirpath=out_dir / "checkpoints", filename="step-{step:07d}",
+            auto_insert_metric_name=False, every_n_train_steps=t.checkpoint_every,
+            save_top_k=-1, save_last=True))
+    # the train loader has no length (micro-batches per block depend on the cells), so
+    # validation runs every `val_every` steps counted across epochs
+    val = {"val_check_interval": t.val_every, "check_val_every_n_epoch": None} \
+        if validate and t.val_every else {"limit_val_batches": 0}
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=build_strategy(t), precision=resolve_precision(t.precision, t.accelerator),
+        max_steps=o.max_steps, max_epochs=-1, gradient_clip_val=o.grad_clip,
+        accumulate_grad_batches=o.accumulate_grad_batches, log_every_n_steps=t.log_every,
+        num_sanity_val_steps=0, logger=CSVLogger(out_dir, name="logs"),
+        callbacks=callbacks, enable_checkpointing=bool(t.checkpoint_every),
+        enable_progress_bar=settings.progress, enable_model_summary=False,
+        default_root_dir=out_dir, **val)
+
+
+def build_model(cfg: PretrainConfig, vocab, tokenizer) -> CellModel:
+    """``ModelConfig.preset(model.preset, model.size, vocab=vocab, **model.overrides)``."""
+    from ..models import CellModel, ModelConfig
+
+    overrides = dict(cfg.model.overrides)
+    max_len = getattr(tokenizer, "max_len", None)
+    if cfg.model.preset == "geneformer" and max_len and "max_position" not in overrides:
+        overrides["max_position"] = max_len  # no position rows the tokenizer never uses
+    # the bins the tokenizer makes are the bins the model embeds
+    if cfg.model.preset == "scgpt":
+        if tokenizer.binned:
+            overrides.setdefault("n_bins", tokenizer.n_bins)
+        else:  # scGPT's continuous mode
+            overrides.setdefault("value_encoder", "continuous")
+    if cfg.model.preset == "scbert":
+        overrides.setdefault("n_bins", tokenizer.max_level + 1)
+    config = ModelConfig.preset(cfg.model.preset, cfg.model.size, vocab=vocab, **overrides)
+    torch.manual_seed(cfg.trainer.seed)
+    return CellModel(config, vocab=vocab, tokenizer=tokenizer)
+
+
+def held_out_batches(held: Any, cfg: PretrainConfig, tokenizer) -> list:
+    """The held-out micro-batches (all of them, whatever the ranks: read in this process)."""
+    held.set_shard(0, 1)
+    return list(MicroBatchLoader(held.tokenize(tokenizer), max_tokens=cfg.optim.max_tokens,
+                                 seed=cfg.trainer.seed, max_cells=cfg.data.held_out_max_cells))
+
+
+def pretrain(config: str | Path | dict | PretrainConfig, *,
+             overrides: dict[str, Any] | None = None,
+             callbacks: Sequence[L.Callback] = ()) -> tuple[CellModel, dict[str, Any]]:
+    """Pretrain a model as ``config`` says; save it and its metrics in ``out_dir``.
+
+    Parameters
+    ----------
+    config
+        A YAML file, a shipped preset's name, a dict or a :class:`PretrainConfig` (see
+        :func:`load_config` and ``docs/pretraining.md``).
+    overrides
+        Dotted keys to set, e.g. ``{"optim.max_steps": 100, "out_dir": "run1"}``.
+    callbacks
+        Extra Lightning callbacks.
+
+    Returns
+    -------
+    The trained model (on rank 0; other ranks get their replica) and the metrics written to
+    ``out_dir/metrics.json`` (rank 0): held-out masked loss at step 0 and at the end
+    (``loss_step0``, ``loss_end``) and of the frequency baseline (``baseline``), ...
+
+    Writes ``out_dir/model`` (:meth:`~sclcm.models.CellModel.save_pretrained`, with the
+    tokenizer), ``out_dir/checkpoints`` (``last.ckpt`` and one per ``checkpoint_every``
+    steps: model, optimizer, schedule and data position), ``out_dir/logs`` (CSV) and
+    ``out_dir/metrics.json``.
+    """
+    import lightning as L
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from ._datamodule import PretrainDataModule
+
+    cfg = load_config(config, overrides=overrides)
+    started = time.perf_counter()
+    out_dir = Path(expand(cfg.out_dir, key="out_dir"))
+    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    prep = prepare(cfg)
+    model = build_model(cfg, prep.vocab, prep.tokenizer)
+    o = cfg.optim
+    module = PretrainModule(model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
+                            warmup_steps=o.warmup_steps, max_steps=o.max_steps,
+                            min_lr_ratio=o.min_lr_ratio, mask_prob=o.mask_prob,
+                            generative=o.generative, mvc_weight=o.mvc_weight,
+                            seed=cfg.trainer.seed, throughput_window=cfg.trainer.log_every)
+    tok, held = prep.tokenizer, prep.held_out
+    data = PretrainDataModule(
+        prep.train.tokenize(tok), held.tokenize(tok) if held is not None else None,
+        max_tokens=o.max_tokens, seed=cfg.trainer.seed, num_workers=cfg.data.num_workers,
+        val_max_cells=cfg.data.held_out_max_cells)
+    trainer = build_trainer(cfg, out_dir, validate=held is not None, callbacks=callbacks)
+    # rank 0 scores the held-out cells before training; with Lightning's launcher the
+    # other ranks start inside fit(), so the rank comes from the environment here
+    metrics: dict[str, Any] = {}
+    baseline = batches = None
+    if held is not None and rank_zero_only.rank == 0:
+        baseline = fit_baseline(cfg, prep.train, tok, model.config)
+        batches = held_out_batches(held, cfg, tok)
+        with _eval_context(trainer):
+            step0 = evaluate(model.to(trainer.strategy.root_device), batches,
+                             module.eval_collator, baseline=baseline)
+        metrics.update(loss_step0=step0["loss"], baseline=step0["baseline"],
+                       held_out_cells=step0["n_cells"], held_out_masked_tokens=step0["n_tokens"])
+        if "mvc" in step0:
+            metrics["mvc_step0"] = step0["mvc"]
+        logg.info(f"held-out masked loss at step 0: {step0['loss']:.4f} (frequency baseline "
+                  f"{step0['baseline']:.4f})")
+    resume = cfg.trainer.resume
+    with warnings.catch_warnings():
+        if resume is not None:  # resuming into the run's folder: it has checkpoints, sure
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* not empty")
+        trainer.fit(module, datamodule=data,
+                    ckpt_path=resume if resume in (None, "last") else expand(resume, key="resume"))
+
+    state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP
+    if not trainer.is_global_zero:
+        return module.model, {}
+    final = build_model(cfg, prep.vocab, tok)
+    final.load_state_dict({k.removeprefix("model."): v for k, v in state.items()
+                           if k.startswith("model.")})
+    final.eval()
+    if batches is not None:
+        with _eval_context(trainer):
+            end = evaluate(final.to(trainer.strategy.root_device), batches,
+                           module.eval_collator, baseline=baseline)
+        metrics["loss_end"] = end["loss"]
+        if "mvc" in end:
+            metrics["mvc_end"] = end["mvc"]
+        logg.info(f"held-out masked loss after {trainer.global_step} steps: {end['loss']:.4f} "
+                  f"(step 0: {metrics['loss_step0']:.4f}, baseline {metrics['baseline']:.4f})")
+    final = final.cpu()
+    final.save_pretrained(out_dir / "model", tokenizer=tok)
+    metrics = {"preset": cfg.model.preset, "size": cfg.model.size,
+               "objective": final.config.objective,
+               "loss_kind": "cross-entropy" if final.config.objective in ("mlm", "bin")
+               else "mean squared error", **metrics,
+               "baseline_kind": baseline.kind if baseline is not None else None,
+               "steps": trainer.global_step, "n_params": final.get_num_params(),
+               "train_cells": getattr(prep.train, "n_cells", None),
+               **prep.summary, "wall_time_s": round(time.perf_counter() - started, 1),
+               "config": cfg.to_dict()}
+    (out_dir / METRICS).write_text(json.dumps(metrics, indent=1, default=str))
+    logg.info(f"saved the model to {out_dir / 'model'} and the metrics to {out_dir / METRICS}")
+    return final, metrics
+
+
+def _eval_context(trainer: L.Trainer):
+    """Autocast as in training (bf16 on a GPU), so the held-out loss is the trained one's."""
+    plugin = getattr(trainer, "precision_plugin", None)
+    return plugin.forward_context() if plugin is not None else nullcontext()
