@@ -11,7 +11,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-_LAZY = ("models", "data")  # import torch / tiledbsoma only when used
+_LAZY = ("models", "data", "train", "metrics")  # torch, tiledbsoma, lightning, sklearn
 
 
 def __getattr__(name: str):
@@ -22,4 +22,5 @@ def __getattr__(name: str):
     msg = f"module 'sclcm' has no attribute {name!r}"
     raise AttributeError(msg)
 
-__all__ = ["InputError", "data", "genes", "models", "pl", "pp", "settings", "tl", "tokenizers"]
+__all__ = ["InputError", "data", "genes", "metrics", "models", "pl", "pp", "settings", "tl",
+           "tokenizers", "train"]

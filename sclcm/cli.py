@@ -38,8 +38,9 @@ def genes_command(paths: list[Path], species: str | None, to_species: str | None
     return table
 
 
-def demo(data: Path, out: Path) -> None:
-    """Check counts, resolve genes, map mouse to human, tokenize with the four families."""
+def demo(data: Path, out: Path, model: str | None = None) -> None:
+    """Check counts, resolve genes, map mouse to human, tokenize with the four families,
+    then embed Kang 2018 ctrl with ``model`` (default: the shipped one) and draw its UMAP."""
     from . import pl, pp
     from .genes import GeneVocab, resolve
 
@@ -96,6 +97,9 @@ def demo(data: Path, out: Path) -> None:
           "Census-shaped SOMA store and streamed a tokenized epoch from it.\n"
           f"Outputs in {out}/: gene_coverage.csv/.png, vocab.json, tokenization.csv, "
           "pbmc3k_geneformer/ (corpus + tokenizer), census/ (local Census).")
+    from ._demo_embed import demo_embed
+
+    demo_embed(data, out, model)
 
 
 SCBERT_CELLS = 1_000
@@ -178,6 +182,34 @@ def _symbols(ids: list[str]) -> list[str | None]:
     return gene_table("human").symbol.reindex(ids).tolist()
 
 
+def pretrain_command(config: str, out: Path | None, resume: str | None,
+                     sets: list[str]) -> dict:
+    """Run ``sclcm.train.pretrain`` on a config file or shipped preset; print the metrics."""
+    import yaml
+
+    from .train import ConfigError, pretrain
+
+    overrides = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            msg = f"--set takes KEY=VALUE (e.g. optim.max_steps=100), not {item!r}."
+            raise SystemExit(msg)
+        overrides[key.strip()] = yaml.safe_load(value)  # numbers, lists, null as in YAML
+    if out is not None:
+        overrides["out_dir"] = str(out)
+    if resume is not None:
+        overrides["trainer.resume"] = resume
+    try:
+        _, metrics = pretrain(config, overrides=overrides)
+    except ConfigError as e:
+        raise SystemExit(f"sclcm pretrain: {e}") from None
+    if metrics:
+        shown = {k: v for k, v in metrics.items() if k != "config"}
+        print(json.dumps(shown, indent=1, default=str))
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sclcm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +221,17 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("demo", help="run the furthest real step on the shared datasets")
     d.add_argument("--data", type=Path, required=True, help="folder of .h5ad files")
     d.add_argument("--out", type=Path, default=Path("demo_output"))
+    d.add_argument("--model", help="model directory or shipped name for the embedding step "
+                   "(default: the shipped default model)")
+    p = sub.add_parser("pretrain", help="pretrain a model from a YAML config (see "
+                       "docs/pretraining.md)")
+    p.add_argument("--config", required=True,
+                   help="a YAML file, or a shipped preset: geneformer, scgpt, scbert, "
+                   "scfoundation")
+    p.add_argument("--out", type=Path, help="output folder (overrides out_dir)")
+    p.add_argument("--resume", help="a checkpoint to resume from, or 'last'")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.max_steps=100 (repeatable)")
     args = parser.parse_args(argv)
 
     import matplotlib
@@ -197,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "genes":
         genes_command(args.paths, args.species, args.to_species, args.json)
     elif args.command == "demo":
-        demo(args.data, args.out)
+        demo(args.data, args.out, args.model)
+    elif args.command == "pretrain":
+        pretrain_command(args.config, args.out, args.resume, args.sets)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy import sparse
 
-from .._checks import InputError
-from .._matrix import iter_row_blocks
+from .._checks import InputError, _where
+from .._matrix import iter_row_blocks, stored_values
 from .._progress import progress
 
 if TYPE_CHECKING:
@@ -34,6 +35,9 @@ class CellTokens:
         Column -> token slot (genes outside the vocabulary dropped).
     gene_coverage
         Share of the AnnData's genes that reach a token.
+    count_coverage
+        Share of the counts read by the last :meth:`batches` that fall on such genes
+        (``nan`` before any block was read).
     """
 
     adata: AnnData
@@ -41,6 +45,9 @@ class CellTokens:
     report: GeneReport
     column_map: ColumnMap
     layer: str | None = None
+    #: Counts read by :meth:`batches` so far: all, and those on genes that reach a token.
+    counts_read: float = 0.0
+    counts_in_vocab: float = 0.0
 
     @classmethod
     def prepare(cls, adata: AnnData, tokenizer: Tokenizer, *, layer: str | None = None,
@@ -67,19 +74,88 @@ class CellTokens:
     def gene_coverage(self) -> float:
         return float((self.column_map.slot >= 0).mean())
 
+    @property
+    def count_coverage(self) -> float:
+        return self.counts_in_vocab / self.counts_read if self.counts_read else float("nan")
+
+    def check_values(self, *, max_cells: int = 1_000) -> None:
+        """Raise :class:`~sclcm.InputError` early if the first cells cannot be tokenized.
+
+        Checks the first ``max_cells`` cells for NaN/inf and negative values, and, where the
+        tokenizer reads raw counts (``tokenizer.requires_counts``), for non-integer
+        values, naming the first offending cell and gene and why the family needs counts.
+        The tokenizer checks every later block itself.
+        """
+        where = "adata.X" if self.layer is None else f"adata.layers[{self.layer!r}]"
+        _, _, block = next(iter_row_blocks(self.adata, self.layer, block_size=max_cells))
+        values = stored_values(block)
+        if not np.issubdtype(values.dtype, np.number) or values.size == 0:
+            return
+        problems = [
+            (lambda v: ~np.isfinite(v), "NaN or infinite values",
+             "Fix or drop those cells first (sclcm.pp.check_counts lists them)."),
+            (lambda v: v < 0, "negative values: it looks scaled or batch-corrected",
+             "Pass layer= the layer with raw counts, or use adata.raw.to_adata()."),
+        ]
+        if self.tokenizer.requires_counts:
+            name = self.tokenizer.name
+            why = COUNTS_REASON.get(name, "it normalizes the counts itself")
+            problems.append((lambda v: v != np.round(v),
+                             "non-integer values: it looks normalized or log-transformed",
+                             f"A {name} model reads raw counts: {why}. Pass layer= the layer "
+                             "with raw counts (e.g. layer='counts'), or use "
+                             "adata.raw.to_adata() if it holds counts."))
+        for bad, what, fix in problems:
+            if bad(values).any():
+                loc = _where(self.adata, block, 0, bad)
+                msg = f"{where} contains {what} (first at {loc}). {fix}"
+                raise InputError(msg)
+
     def batches(self, *, block_size: int = 2048, desc: str | None = None
                 ) -> Iterator[tuple[int, TokenBatch, np.ndarray]]:
         """Yield ``(first_row, batch, empty)`` per block of rows, with a progress bar.
 
-        Every cell of the block is in ``batch`` (cells without a vocabulary gene keep
-        only their special tokens; ``empty`` marks them), so row ``i`` of the block is
-        cell ``i`` of the batch. Memory is one block, whatever the number of cells.
+        Every cell of the block is in ``batch``, so row ``i`` of the block is cell ``i`` of
+        the batch. ``empty`` marks the cells with no count on any gene of the model's
+        vocabulary: they keep only their special tokens (scBERT, and scGPT with
+        ``include_zero_genes``, give them their panel with all values zero). Memory is
+        one block, whatever the number of cells. Adds up :attr:`count_coverage` on the way.
         """
         n_blocks = -(-self.adata.n_obs // block_size)
         blocks = iter_row_blocks(self.adata, self.layer, block_size=block_size)
+        self.counts_read = self.counts_in_vocab = 0.0
+        in_vocab = self.column_map.slot >= 0
         for first, _, block in progress(blocks, total=n_blocks, desc=desc, unit="block"):
             batch = self.tokenizer.encode(block, self.column_map, start=first, keep_empty=True)
-            yield first, batch, _empty_cells(batch, self.tokenizer)
+            vocab_counts = _vocab_counts(block, in_vocab)
+            self.counts_read += float(block.sum(dtype=np.float64))
+            self.counts_in_vocab += float(vocab_counts.sum())
+            yield first, batch, _empty_cells(batch, self.tokenizer) | (vocab_counts == 0)
+
+
+#: Why each family that reads counts cannot take normalized or log data (for the errors).
+COUNTS_REASON = {
+    "geneformer": "it ranks genes by counts / the cell's total / the gene's corpus median; "
+                  "normalize_total alone would leave that ranking as it is, but log1p changes "
+                  "it, and the two cannot be told apart from the values",
+    "scbert": "it computes log2(1 + counts / total x 10,000) itself, so log data would be "
+              "transformed twice",
+    "scfoundation": "its read-depth tokens are log10 of each cell's total counts, which "
+                    "normalization erases",
+    "scgpt": "with binned=False its values are log1p(counts / total x 10,000), computed from "
+             "counts (binned scGPT reads normalized or log data too)",
+}
+
+
+def _vocab_counts(block, in_vocab: np.ndarray) -> np.ndarray:
+    """Per cell of a block (CSR or dense): the sum of its counts on vocabulary genes."""
+    if sparse.issparse(block):
+        data = np.where(in_vocab[block.indices], block.data, 0).astype(np.float64)
+        out = np.add.reduceat(data, block.indptr[:-1]) if data.size else \
+            np.zeros(block.shape[0])
+        out[np.diff(block.indptr) == 0] = 0  # reduceat repeats the next value on empty rows
+        return out
+    return np.asarray(block)[:, in_vocab].sum(axis=1, dtype=np.float64)
 
 
 def _empty_cells(batch: TokenBatch, tokenizer: Tokenizer) -> np.ndarray:
