@@ -323,6 +323,130 @@ def test_scfoundation_values_and_depth(pbmc, vocab):
     assert (aug.extras["depth_S"] < aug.extras["depth_T"]).all()
 
 
+# --- the compiled kernels against plain NumPy, on every cell -------------------------
+@pytest.mark.parametrize(("max_len", "special_tokens"), [(4096, True), (300, False)])
+def test_geneformer_equals_numpy_on_every_cell(pbmc, vocab, geneformer, max_len,
+                                               special_tokens):
+    adata, report = pbmc
+    tok = GeneformerTokenizer(vocab, geneformer.medians, max_len=max_len,
+                              special_tokens=special_tokens)
+    batch = sclcm.pp.tokenize(adata, tok, report=report, block_size=128)
+    counts, totals = dense_over_vocab(adata, report, vocab)  # duplicated genes summed
+    inv = tok._inverse_medians()
+    n_keep = max_len - 2 * special_tokens
+    for i in range(N_CELLS):
+        # as documented: float32 counts x (10,000 / total) x 1 / median, ties by token id
+        norm = (counts[i].astype(np.float32) * np.float32(1e4 / totals[i])) * inv
+        genes = np.flatnonzero(norm > 0)
+        expected = genes[np.lexsort((genes, -norm[genes]))][:n_keep]
+        ids, vals = batch.cell(i)
+        if special_tokens:
+            assert ids[0] == vocab.cls_id
+            assert ids[-1] == vocab.eos_id
+            ids, vals = ids[1:-1], vals[1:-1]
+        np.testing.assert_array_equal(ids, expected)
+        np.testing.assert_array_equal(vals, norm[expected])
+
+
+def test_geneformer_many_ties_in_any_column_order():
+    # 400 genes with one median and counts 1 or 2: long runs of equal values whose
+    # columns come in descending token order, the worst case of the sort's tie pass
+    n = 400
+    vocab = GeneVocab([f"g{i}" for i in range(n)])
+    rng = np.random.default_rng(0)
+    X = sparse.csr_matrix(np.vstack([np.ones(n), 1 + np.arange(n) % 2,
+                                     rng.integers(0, 3, n)]).astype(np.float32))
+    ids = np.arange(4 + n - 1, 3, -1)  # column j is token 4 + n - 1 - j
+    batch = GeneformerTokenizer(vocab, np.ones(n), special_tokens=False).encode(
+        X, ColumnMap.from_token_ids(ids))
+    for i in range(3):
+        tokens, values = ids[X[i].indices], X[i].data
+        order = np.lexsort((tokens, -values))
+        np.testing.assert_array_equal(batch.cell(i)[0], tokens[order])
+
+
+def scgpt_bins(values, n_bins, u):
+    """scGPT's bins of one cell's non-zero integer values, with NumPy's sort and search."""
+    s, n, D = np.sort(values).astype(np.int64), len(values), n_bins - 2
+    lo, rem = np.divmod(np.arange(n_bins - 1) * (n - 1), D)
+    edges = s[lo] * D + (s[np.minimum(lo + 1, n - 1)] - s[lo]) * rem  # x D, exact
+    x = values.astype(np.int64) * D
+    left = np.searchsorted(edges, x, side="right")  # edges <= value
+    right = np.searchsorted(edges, x, side="left")  # edges < value
+    return left - np.floor(u * (left - right))
+
+
+@pytest.mark.parametrize("scale", [1, 2**20, None])
+def test_scgpt_bins_equal_numpy_on_every_cell(pbmc, vocab, scale):
+    adata, report = pbmc
+    unique = report.collapse(adata)  # no duplicated genes: scaling commutes
+    counts = unique.X.toarray()
+    other = unique.copy()
+    # large integers (exact in float32) and log values have the bins of the counts, as
+    # bins follow the order; they take the kernel's radix path, the counts its counting
+    other.X = sparse.csr_matrix(np.log1p(counts) if scale is None else counts * scale)
+    tok = ScGPTTokenizer(vocab, max_len=10_000, seed=5)
+    batch = sclcm.pp.tokenize(other, tok)
+    token_of = vocab.lookup(unique)
+    for i in range(N_CELLS):
+        cols = np.flatnonzero(counts[i] * (token_of >= 0))
+        cols = cols[np.argsort(token_of[cols])]
+        u = uniform(tok.seed * 2, np.full(len(cols), i), token_of[cols])
+        ids, vals = batch.cell(i)
+        np.testing.assert_array_equal(ids[1:], token_of[cols])
+        np.testing.assert_array_equal(vals[1:], scgpt_bins(counts[i, cols], 51, u))
+
+
+@pytest.mark.parametrize("include_zero_genes", [False, True])
+def test_scgpt_subsampling_equals_numpy(pbmc, vocab, include_zero_genes):
+    adata, report = pbmc
+    n_cells = 20 if include_zero_genes else N_CELLS
+    tok = ScGPTTokenizer(vocab, max_len=150, seed=3, include_zero_genes=include_zero_genes)
+    full = ScGPTTokenizer(vocab, max_len=100_000, seed=3,
+                          include_zero_genes=include_zero_genes)
+    batch = sclcm.pp.tokenize(adata[:n_cells], tok, report=report)
+    every = sclcm.pp.tokenize(adata[:n_cells], full, report=report)
+    for i in range(n_cells):
+        ids, vals = every.cell(i)
+        ids, vals = ids[1:], vals[1:]
+        if len(ids) > 149:
+            # the 149 smallest float32 draws, ties by token id; kept in vocabulary order
+            u = uniform(tok.seed * 2 + 1, np.full(len(ids), i), ids).astype(np.float32)
+            keep = np.sort(np.lexsort((ids, u))[:149])
+            ids, vals = ids[keep], vals[keep]
+        np.testing.assert_array_equal(batch.cell(i)[0][1:], ids)
+        np.testing.assert_array_equal(batch.cell(i)[1][1:], vals)
+
+
+def test_kernel_constants_match_the_modules():
+    from sclcm.tokenizers import _base, _compiled, _kernels
+
+    assert _compiled.TARGET_SUM == _base.TARGET_SUM
+    assert _compiled.SLOT_BITS == _kernels.SLOT_BITS
+
+
+@pytest.mark.parametrize(("value", "match"), [(np.nan, "NaN or infinite"),
+                                              (np.inf, "NaN or infinite"),
+                                              (-1.0, "negative"), (0.5, "raw counts")])
+def test_bad_values_are_clear_errors(value, match):
+    X = np.ones((3, 5), dtype=np.float32)
+    X[1, 2] = value
+    m = cmap(5)
+    toks = [GeneformerTokenizer(VOCAB5, np.ones(5)), ScFoundationTokenizer(VOCAB5),
+            ScBERTTokenizer(VOCAB5), ScGPTTokenizer(VOCAB5, binned=False),
+            ScGPTTokenizer(VOCAB5)]
+    for tok in toks:
+        if value == 0.5 and tok.name == "scgpt" and tok.binned:
+            tok.encode(X, m)  # bins need only the order: normalized input is fine
+            continue
+        with pytest.raises(sclcm.InputError, match=match):
+            tok.encode(X, m)
+    X[0, 0] = -1.0  # reported in order NaN, non-integer, negative, wherever they are
+    if match != "negative":
+        with pytest.raises(sclcm.InputError, match=match):
+            GeneformerTokenizer(VOCAB5, np.ones(5)).encode(X, m)
+
+
 # --- same output for any input form ---------------------------------------------------
 def assert_same(a: TokenBatch, b: TokenBatch) -> None:
     np.testing.assert_array_equal(a.gene_ids, b.gene_ids)

@@ -14,7 +14,7 @@ from scipy import sparse
 from .._checks import InputError
 from ..genes import GeneVocab
 from ._batch import TokenBatch
-from ._kernels import MAX_SLOTS, row_ids
+from ._kernels import MAX_SLOTS
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -63,6 +63,22 @@ class ColumnMap:
         """Per slot: whether several columns map to it."""
         return np.bincount(self.slot[self.slot >= 0], minlength=self.n_slots) > 1
 
+    @property
+    def slot_bits(self) -> int:
+        """Bits that hold any slot (at least 1)."""
+        return max(int(self.n_slots - 1).bit_length(), 1)
+
+    @cached_property
+    def codes(self) -> np.ndarray:
+        """:attr:`slot` for the compiled kernels, with a bit set where the slot is shared."""
+        from ._compiled import SHARED
+
+        codes = self.slot.copy()
+        if self.has_duplicates:
+            mapped = np.flatnonzero(codes >= 0)
+            codes[mapped[self.duplicated_slot[codes[mapped]]]] |= SHARED
+        return codes
+
 
 def _as_csr(X) -> sparse.csr_matrix:
     return sparse.csr_matrix(X if sparse.issparse(X) else np.asarray(X))
@@ -77,6 +93,117 @@ def normalized(Y: sparse.csr_matrix, totals: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class Block:
+    """A block of cells as the compiled kernels take it: CSR arrays and the column map.
+
+    ``data`` is float32 or float64 (integer input becomes float64, exactly), so that each
+    kernel compiles for two types only; the arrays may be the caller's (never modified).
+    """
+
+    indptr: np.ndarray  # int64
+    indices: np.ndarray  # int32
+    data: np.ndarray  # float32 or float64
+    cmap: ColumnMap
+
+    @classmethod
+    def of(cls, X, cmap: ColumnMap) -> Block:
+        X = _as_csr(X)
+        data = X.data
+        if data.dtype not in (np.float32, np.float64):
+            data = data.astype(np.float64)
+        return cls(X.indptr.astype(np.int64, copy=False),
+                   X.indices.astype(np.int32, copy=False), data, cmap)
+
+    @property
+    def n_cells(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def n_stored(self) -> int:
+        """Stored entries of the block."""
+        return int(self.indptr[-1] - self.indptr[0])
+
+    def kernel_args(self) -> tuple:
+        """The arguments every block kernel starts with."""
+        return self.indptr, self.indices, self.data, self.cmap.codes
+
+    @staticmethod
+    def fatal(*, require_integers: bool) -> int:
+        """The kernel flags that are errors."""
+        from ._compiled import NEGATIVE, NOT_FINITE, NOT_INTEGER
+
+        return NOT_FINITE | NEGATIVE | (NOT_INTEGER if require_integers else 0)
+
+    def outputs(self, n_tokens: int) -> tuple[np.ndarray, ...]:
+        """Arrays a block kernel writes a packed batch into: room for ``n_tokens`` tokens.
+
+        ``(gene_ids, values, offsets, cell_index)``, made by NumPy, which asks the system
+        for huge pages for large arrays: filling numba's own arrays took twice as long,
+        for a page fault every 4 KiB.
+        """
+        return (np.empty(n_tokens, np.int32), np.empty(n_tokens, np.float32),
+                np.zeros(self.n_cells + 1, np.int64), np.empty(self.n_cells, np.int64))
+
+    @staticmethod
+    def batch(outputs: tuple[np.ndarray, ...], n_tokens: int, n_cells: int) -> TokenBatch:
+        """The :class:`TokenBatch` a kernel wrote into ``outputs`` (see :meth:`outputs`)."""
+        ids, values, offsets, cells = outputs
+        return TokenBatch(ids[:n_tokens], values[:n_tokens], offsets[:n_cells + 1],
+                          cells[:n_cells])
+
+    @staticmethod
+    def drop_empty(batch: TokenBatch, indptr: np.ndarray, *, keep_empty: bool) -> TokenBatch:
+        """``batch`` without the cells that ``indptr`` (over slots) gives no gene."""
+        empty = np.diff(indptr) == 0
+        return batch.select(~empty) if not keep_empty and empty.any() else batch
+
+    def check(self, flags: int, *, require_integers: bool) -> None:
+        """Raise the error a kernel's ``flags`` point to (kernels stop at the first one)."""
+        if flags & self.fatal(require_integers=require_integers):
+            check_counts(self.data, require_integers=require_integers)
+
+    def counts(self, *, require_integers: bool,
+               sort: bool = True) -> tuple[sparse.csr_matrix, np.ndarray]:
+        """See :func:`prepare_block`."""
+        from ._compiled import gather_block
+
+        indptr, totals = np.zeros(self.n_cells + 1, np.int64), np.empty(self.n_cells)
+        slots, values = np.empty(self.n_stored, np.int32), np.empty(self.n_stored, np.float32)
+        flags = gather_block(*self.kernel_args(), self.cmap.n_slots, self.cmap.slot_bits, sort,
+                             self.fatal(require_integers=require_integers), indptr, slots,
+                             values, totals)
+        self.check(flags, require_integers=require_integers)
+        n = indptr[-1]
+        Y = sparse.csr_matrix((values[:n], slots[:n], indptr),
+                              shape=(self.n_cells, self.cmap.n_slots))
+        if sort:
+            Y.has_sorted_indices = True  # spare scipy a check later
+        return Y, totals
+
+
+def check_counts(data: np.ndarray, *, require_integers: bool) -> None:
+    """Raise an :class:`InputError` for NaN/infinite, non-integer (if required) or negative values.
+
+    The errors are reported in this order, whichever comes first in the data.
+    """
+    if not data.size:
+        return
+    if np.issubdtype(data.dtype, np.floating):
+        if not np.isfinite(data).all():
+            msg = ("The counts contain NaN or infinite values; check them with "
+                   "sclcm.pp.check_counts.")
+            raise InputError(msg)
+        if require_integers and (data != np.round(data)).any():
+            msg = ("The matrix holds non-integer values (normalized or log data); this "
+                   "tokenizer needs raw counts: pass layer= the counts layer, or run "
+                   "sclcm.pp.check_counts for details.")
+            raise InputError(msg)
+    if (data < 0).any():
+        msg = "The counts contain negative values; run sclcm.pp.check_counts for details."
+        raise InputError(msg)
+
+
 def prepare_block(X, cmap: ColumnMap, *, require_integers: bool,
                   sort: bool = True) -> tuple[sparse.csr_matrix, np.ndarray]:
     """Counts of a block over token slots, and each cell's total over *all* columns.
@@ -86,61 +213,20 @@ def prepare_block(X, cmap: ColumnMap, *, require_integers: bool,
     include genes outside the vocabulary, as Geneformer's ``n_counts`` and scanpy's
     ``normalize_total`` do.
     """
-    X = _as_csr(X)  # may share the caller's arrays: never modified in place
-    data = X.data
-    if data.size:
-        if np.issubdtype(data.dtype, np.floating):
-            if not np.isfinite(data).all():
-                msg = ("The counts contain NaN or infinite values; check them with "
-                       "sclcm.pp.check_counts.")
-                raise InputError(msg)
-            if require_integers and (data != np.round(data)).any():
-                msg = ("The matrix holds non-integer values (normalized or log data); this "
-                       "tokenizer needs raw counts: pass layer= the counts layer, or run "
-                       "sclcm.pp.check_counts for details.")
-                raise InputError(msg)
-        if (data < 0).any():
-            msg = "The counts contain negative values; run sclcm.pp.check_counts for details."
-            raise InputError(msg)
-    totals = np.asarray(X.sum(axis=1, dtype=np.float64)).ravel()
-    slots = cmap.slot[X.indices]
-    keep = (slots >= 0) & (data != 0)
-    values = data.astype(np.float32, copy=cmap.has_duplicates)  # written below if duplicates
-    if cmap.has_duplicates:
-        # several columns are one gene: sum their entries within each row (few entries)
-        dup = keep & cmap.duplicated_slot[np.maximum(slots, 0)]
-        if dup.any():
-            where = np.flatnonzero(dup)
-            keys = row_ids(X.indptr)[where] * MAX_SLOTS + slots[where].astype(np.int64)
-            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-            values[where[first]] = np.bincount(inverse, weights=values[where]).astype(
-                np.float32)
-            keep[where] = False
-            keep[where[first]] = True
-    counts = np.add.reduceat(keep, X.indptr[:-1]) if X.shape[0] and len(keep) else \
-        np.zeros(X.shape[0], dtype=np.int64)
-    counts[np.diff(X.indptr) == 0] = 0  # reduceat repeats the next value on empty rows
-    indptr = np.zeros(X.shape[0] + 1, dtype=np.int64)
-    np.cumsum(counts, out=indptr[1:])
-    Y = sparse.csr_matrix((values[keep], slots[keep], indptr),
-                          shape=(X.shape[0], cmap.n_slots))
-    if sort:
-        Y.sort_indices()
-    return Y, totals
+    return Block.of(X, cmap).counts(require_integers=require_integers, sort=sort)
 
 
 class Tokenizer:
     """Base of the four families: ``encode`` a block of cells into a :class:`TokenBatch`.
 
-    Subclasses set :attr:`name`, implement :meth:`_encode` and list their options in
-    :attr:`_options`; arrays of fitted state are listed in :attr:`_arrays`.
+    Subclasses set :attr:`name`, implement :meth:`_encode` (a :class:`Block` in, a
+    :class:`TokenBatch` out) and list their options in :attr:`_options`; arrays of
+    fitted state are listed in :attr:`_arrays`.
     """
 
     name: ClassVar[str]
     #: Whether the input must be raw counts (integers).
     requires_counts: ClassVar[bool] = True
-    #: Whether :meth:`_encode` needs each cell's slots in ascending order.
-    needs_sorted_slots: ClassVar[bool] = True
     _options: ClassVar[tuple[str, ...]] = ()
     _arrays: ClassVar[tuple[str, ...]] = ()
 
@@ -179,15 +265,8 @@ class Tokenizer:
         without any gene token are dropped unless ``keep_empty``, in which case they
         keep only their special tokens.
         """
-        cmap = self._restrict(cmap)
-        Y, totals = prepare_block(X, cmap, require_integers=self.requires_counts,
-                                  sort=self.needs_sorted_slots)
-        batch = self._encode(Y, totals, cmap.token_ids, start=start, **kwargs)
-        if not keep_empty:
-            empty = np.diff(Y.indptr) == 0
-            if empty.any():
-                batch = batch.select(~empty)
-        return batch
+        block = Block.of(X, self._restrict(cmap))
+        return self._encode(block, start=start, keep_empty=keep_empty, **kwargs)
 
     def _restrict(self, cmap: ColumnMap) -> ColumnMap:
         """``cmap`` without the tokens this tokenizer cannot use (e.g. no gene median)."""
@@ -201,8 +280,7 @@ class Tokenizer:
         col_tokens[ok] = cmap.token_ids[cmap.slot[ok]]
         return ColumnMap.from_token_ids(col_tokens)
 
-    def _encode(self, Y: sparse.csr_matrix, totals: np.ndarray, token_ids: np.ndarray, *,
-                start: int) -> TokenBatch:
+    def _encode(self, block: Block, *, start: int, keep_empty: bool) -> TokenBatch:
         raise NotImplementedError
 
     def tokenize(self, adata: AnnData, **kwargs: Any):

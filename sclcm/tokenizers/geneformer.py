@@ -21,17 +21,16 @@ from .. import logging as logg
 from .._matrix import iter_row_blocks
 from .._progress import progress
 from ._base import ColumnMap, Tokenizer, normalized, prepare_block
-from ._batch import TokenBatch
-from ._kernels import add_special_tokens, keep_first, sort_within_rows
 from ._medians import ExactMedians, HistogramMedians
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
     from anndata import AnnData
-    from scipy import sparse
 
     from ..genes import GeneReport, GeneVocab
+    from ._base import Block
+    from ._batch import TokenBatch
 
 
 
@@ -68,7 +67,6 @@ class GeneformerTokenizer(Tokenizer):
     """
 
     name = "geneformer"
-    needs_sorted_slots = False  # the rank sort orders slots itself
     _options = ("special_tokens",)
     _arrays = ("medians",)
 
@@ -160,25 +158,19 @@ class GeneformerTokenizer(Tokenizer):
         return self
 
     # --- encoding --------------------------------------------------------------
-    def _encode(self, Y: sparse.csr_matrix, totals: np.ndarray, token_ids: np.ndarray, *,
-                start: int) -> TokenBatch:
-        inv = self._inverse_medians()[token_ids]
-        values = normalized(Y, totals)
-        values *= inv[Y.indices]
-        values, slots = sort_within_rows(Y.indptr, values, Y.indices, descending=True)
+    def _encode(self, block: Block, *, start: int, keep_empty: bool) -> TokenBatch:
+        from ._compiled import rank_block
+
+        token_ids = block.cmap.token_ids
+        specials = (self.vocab.cls_id, self.vocab.eos_id) if self.special_tokens else (-1, -1)
         n_keep = self.max_len - (2 if self.special_tokens else 0)
-        mask, indptr = keep_first(Y.indptr, n_keep)
-        if not mask.all():
-            slots, values = slots[mask], values[mask]
-        ids = token_ids[slots]
-        if self.special_tokens:
-            ids, values, offsets = add_special_tokens(indptr, ids, values,
-                                                      first=self.vocab.cls_id,
-                                                      last=self.vocab.eos_id)
-        else:
-            offsets = indptr.astype(np.int64)
-        cells = np.arange(start, start + Y.shape[0], dtype=np.int64)
-        return TokenBatch(ids.astype(np.int32), values.astype(np.float32), offsets, cells)
+        out = block.outputs(block.n_stored + 2 * block.n_cells)
+        n_tokens, n_cells, flags = rank_block(
+            *block.kernel_args(), len(token_ids), self._inverse_medians()[token_ids],
+            token_ids, n_keep, *specials, keep_empty, start,
+            block.fatal(require_integers=True), *out)
+        block.check(flags, require_integers=True)
+        return block.batch(out, n_tokens, n_cells)
 
 
 def _stored_values(adata: AnnData, layer: str | None) -> int:

@@ -17,9 +17,8 @@ from ._batch import TokenBatch
 from ._kernels import row_ids
 
 if TYPE_CHECKING:
-    from scipy import sparse
-
     from ..genes import GeneVocab
+    from ._base import Block
 
 
 class ScBERTTokenizer(Tokenizer):
@@ -64,12 +63,13 @@ class ScBERTTokenizer(Tokenizer):
         # every cell has the whole panel, so no cell is ever empty of positions
         return super().encode(X, cmap, start=start, keep_empty=keep_empty, **kwargs)
 
-    def _encode(self, Y: sparse.csr_matrix, totals: np.ndarray, token_ids: np.ndarray, *,
-                start: int) -> TokenBatch:
-        n, panel = Y.shape[0], len(self._panel)
+    def _encode(self, block: Block, *, start: int, keep_empty: bool) -> TokenBatch:
+        Y, totals = block.counts(require_integers=True, sort=False)
+        n, panel = block.n_cells, len(self._panel)
         if n * panel >= 2**31:
             msg = f"A block of {n} cells x {panel} panel genes is too large; use smaller blocks."
             raise InputError(msg)
+        token_ids = block.cmap.token_ids
         level = np.log2(1 + normalized(Y, totals))
         level = np.minimum(np.floor(level), self.max_level).astype(np.float32)
         values = np.zeros((n, panel), dtype=np.float32)
@@ -77,4 +77,5 @@ class ScBERTTokenizer(Tokenizer):
         values[row_ids(Y.indptr), token_ids[Y.indices] - self._panel[0]] = level
         offsets = np.arange(n + 1, dtype=np.int64) * panel
         cells = np.arange(start, start + n, dtype=np.int64)
-        return TokenBatch(np.tile(self._panel, n), values.ravel(), offsets, cells)
+        batch = TokenBatch(np.tile(self._panel, n), values.ravel(), offsets, cells)
+        return block.drop_empty(batch, Y.indptr, keep_empty=keep_empty)

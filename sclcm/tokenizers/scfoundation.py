@@ -17,10 +17,11 @@ from scipy import sparse
 
 from ._base import Tokenizer, normalized
 from ._batch import TokenBatch
-from ._kernels import SLOT_BITS, keep_first, row_ids, sort_within_rows
+from ._kernels import row_ids
 
 if TYPE_CHECKING:
     from ..genes import GeneVocab
+    from ._base import Block
 
 
 class ScFoundationTokenizer(Tokenizer):
@@ -70,28 +71,28 @@ class ScFoundationTokenizer(Tokenizer):
         return super().encode(X, cmap, start=start, keep_empty=keep_empty,
                               target_totals=target_totals)
 
-    def _encode(self, Y: sparse.csr_matrix, totals: np.ndarray, token_ids: np.ndarray, *,
-                start: int, target_totals: np.ndarray | None = None) -> TokenBatch:
+    def _encode(self, block: Block, *, start: int, keep_empty: bool,
+                target_totals: np.ndarray | None = None) -> TokenBatch:
+        Y, totals = block.counts(require_integers=True)
         with np.errstate(divide="ignore"):  # an empty cell has depth -inf (and is dropped)
             depth_s = np.log10(totals)
         values = np.log1p(normalized(Y, totals))
-        slots, indptr = Y.indices, Y.indptr.astype(np.int64)
-        if self.max_len is not None and np.diff(indptr).max(initial=0) > self.max_len:
-            top_vals, top_slots = sort_within_rows(indptr, values, slots, descending=True)
-            mask, indptr = keep_first(indptr, self.max_len)
-            # back to vocabulary order within each cell
-            keys = (row_ids(indptr) << SLOT_BITS) | top_slots[mask]
-            order = np.argsort(keys, kind="stable")
-            values, slots = top_vals[mask][order], top_slots[mask][order]
+        offsets, ids = Y.indptr.astype(np.int64), block.cmap.token_ids[Y.indices]
+        if self.max_len is not None and np.diff(offsets).max(initial=0) > self.max_len:
+            from ._compiled import keep_top
+
+            # the highest values, ranked after log1p as the model sees them
+            offsets, ids, values = keep_top(offsets, ids, values, self.max_len)
         if target_totals is None:
             depth_t = depth_s + np.log10(self.depth_fold)
         else:
             with np.errstate(divide="ignore"):
                 depth_t = np.log10(np.asarray(target_totals, dtype=np.float64))
         cells = np.arange(start, start + Y.shape[0], dtype=np.int64)
-        return TokenBatch(token_ids[slots].astype(np.int32), values, indptr, cells,
-                          {"depth_T": depth_t.astype(np.float32),
-                           "depth_S": depth_s.astype(np.float32)})
+        batch = TokenBatch(ids, values, offsets, cells,
+                           {"depth_T": depth_t.astype(np.float32),
+                            "depth_S": depth_s.astype(np.float32)})
+        return block.drop_empty(batch, Y.indptr, keep_empty=keep_empty)
 
 
 def downsample_counts(X, fraction: float | np.ndarray, *, seed: int = 0) -> sparse.csr_matrix:
