@@ -21,6 +21,21 @@ if TYPE_CHECKING:
     from ..tokenizers import ColumnMap, TokenBatch, Tokenizer
 
 
+def check_tool_input(adata: AnnData, layer: str | None, *, copy: bool = False) -> None:
+    """Checks every tool makes before loading a model: a non-empty AnnData, an existing
+    ``layer``, and no ``copy`` of a backed object (it would load ``X`` into memory)."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        msg = f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes)."
+        raise InputError(msg)
+    if layer is not None and layer not in adata.layers:
+        msg = f"layer {layer!r} is not in adata.layers ({list(adata.layers)})."
+        raise InputError(msg)
+    if copy and adata.isbacked:
+        msg = ("copy=True on a backed AnnData would load X into memory: use copy=False (the "
+               "results are kept on the object in memory), or adata.to_memory() first.")
+        raise ValueError(msg)
+
+
 @dataclass
 class CellTokens:
     """How an AnnData's columns feed a tokenizer, and its cells block by block.
@@ -59,12 +74,7 @@ class CellTokens:
         """
         from ..genes import resolve
 
-        if adata.n_obs == 0 or adata.n_vars == 0:
-            msg = f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes)."
-            raise InputError(msg)
-        if layer is not None and layer not in adata.layers:
-            msg = f"layer {layer!r} is not in adata.layers ({list(adata.layers)})."
-            raise InputError(msg)
+        check_tool_input(adata, layer)
         if report is None:
             report = resolve(adata, count_coverage=False)
         cmap = tokenizer.column_map(adata, report=report)  # raises on no overlap

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import logging as logg
-from .._checks import InputError
-from ._cells import CellTokens
+from ._cells import CellTokens, check_tool_input
 from ._forward import Budget, autocast, input_rows, plan_batches
 from ._keys import EmbeddingKeys
 from ._model_ref import DEFAULT_MODEL, get_model
@@ -175,19 +174,10 @@ class _Result:
 def _check_adata(adata: AnnData, layer: str | None, *, batch_size: int | None,
                  copy: bool) -> None:
     """What can be told before loading a model."""
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        msg = f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes)."
-        raise InputError(msg)
-    if layer is not None and layer not in adata.layers:
-        msg = f"layer {layer!r} is not in adata.layers ({list(adata.layers)})."
-        raise InputError(msg)
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         msg = f"batch_size must be a positive number of cells or None, not {batch_size!r}."
         raise ValueError(msg)
-    if copy and adata.isbacked:
-        msg = ("copy=True on a backed AnnData would load X into memory: use copy=False (the "
-               "results are kept on the object in memory), or adata.to_memory() first.")
-        raise ValueError(msg)
+    check_tool_input(adata, layer, copy=copy)
 
 
 def _run(model: CellModel, cells: CellTokens, *, batch_size: int | None,

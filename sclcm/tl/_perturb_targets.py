@@ -12,6 +12,7 @@ import pandas as pd
 
 from .. import logging as logg
 from .._checks import InputError
+from ._cells import check_tool_input
 from ._perturb_edit import MODES
 from ._perturb_stats import sample_null
 
@@ -32,16 +33,7 @@ def check_args(adata: AnnData, genes: Any, *, mode: str, goal: Mapping | None,
     if mode not in MODES:
         msg = f"mode must be one of {list(MODES)}, not {mode!r}."
         raise ValueError(msg)
-    if copy and adata.isbacked:
-        msg = ("copy=True on a backed AnnData would load X into memory: use copy=False (the "
-               "results are kept on the object in memory), or adata.to_memory() first.")
-        raise ValueError(msg)
-    if adata.n_obs == 0 or adata.n_vars == 0:
-        msg = f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes)."
-        raise InputError(msg)
-    if layer is not None and layer not in adata.layers:
-        msg = f"layer {layer!r} is not in adata.layers ({list(adata.layers)})."
-        raise InputError(msg)
+    check_tool_input(adata, layer, copy=copy)
     if isinstance(genes, str) and not is_all(genes):
         msg = f"genes must be 'all' or a list of gene names, not the string {genes!r}."
         raise ValueError(msg)
