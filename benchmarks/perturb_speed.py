@@ -16,8 +16,7 @@ delete each expressed gene of each cell in turn (``genes="all"``). Prints pertur
   runs ``BertForMaskedLM``).
 
 Cells are cut to ``--max-len`` tokens (default 64: ``<cls>``, the cell's 62 top-ranked
-genes,
-``<eos>``), because deleting each of a cell's ~850 genes costs ~850 forward passes of ~850
+genes, ``<eos>``), because deleting each of a cell's ~850 genes costs ~850 forward passes of ~850
 tokens, too many for a CPU; the work per copy grows with the length on both sides.
 
     python benchmarks/perturb_speed.py [--cells 200] [--max-len 64] [--ref-copies 400]
