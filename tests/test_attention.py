@@ -38,6 +38,37 @@ def test_sdpa_matches_math_on_real_cells(packed, generative):
     torch.testing.assert_close(outs["sdpa"], outs["math"], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("generative", [False, True], ids=["full", "generative"])
+def test_short_cells_take_matrix_products_and_match_math(packed, generative, monkeypatch):
+    """Cells up to SHORT_CELL tokens skip SDPA on CPU; results still match the reference,
+    with padding (mixed lengths) and scGPT's mask, and bf16 stays close to SDPA's bf16."""
+    lengths = torch.minimum(packed.diff(), torch.arange(len(packed) - 1) * 2 + 2)
+    assert int(lengths.max()) <= attn_mod.SHORT_CELL < int(packed.diff().max())
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    g = torch.Generator().manual_seed(1)
+    query = torch.rand(int(offsets[-1]), generator=g) < 0.3 if generative else None
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return _SHORT(*args, **kwargs)
+
+    monkeypatch.setattr(attn_mod, "_short_attention", counting)
+    q, k, v = _qkv(int(offsets[-1]))
+    out = {name: attention(q, k, v, Packing(offsets, query=query, backend=name), scale=0.25)
+           for name in ("math", "sdpa")}
+    assert calls  # the short path ran
+    torch.testing.assert_close(out["sdpa"], out["math"], atol=1e-5, rtol=1e-5)
+    qb, kb, vb = (x.bfloat16() for x in (q, k, v))
+    short_bf16 = attention(qb, kb, vb, Packing(offsets, query=query), scale=0.25)
+    monkeypatch.setattr(attn_mod, "SHORT_CELL", 0)  # every bucket through SDPA
+    sdpa_bf16 = attention(qb, kb, vb, Packing(offsets, query=query), scale=0.25)
+    torch.testing.assert_close(short_bf16.float(), sdpa_bf16.float(), atol=2e-2, rtol=2e-2)
+
+
+_SHORT = attn_mod._short_attention
+
+
 def test_cells_do_not_attend_to_each_other(packed):
     q, k, v = _qkv(int(packed[-1]))
     full = attention(q, k, v, Packing(packed, backend="sdpa"), scale=0.25)

@@ -336,6 +336,23 @@ def test_default_model_loads_offline():
     assert adata.uns["sclcm"]["model"] == sclcm.tl.DEFAULT_MODEL
 
 
+def test_bf16_embeddings_agree_with_float32():
+    if not sclcm.tl.shipped_models():
+        pytest.skip("no model is shipped yet (sclcm/models/pretrained/ is empty)")
+    adata = subsample(PBMC3K)[:40].copy()
+    a = sclcm.tl.embed(adata, device="cpu", copy=True)
+    b = sclcm.tl.embed(adata, device="cpu", precision="bfloat16", copy=True)
+    assert a.uns["sclcm"]["params"]["dtype"] == "float32"
+    assert b.uns["sclcm"]["params"]["dtype"] == "bfloat16"
+    x, y = a.obsm["X_sclcm"], b.obsm["X_sclcm"]
+    assert not np.array_equal(x, y)
+    cos = (x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)
+    assert cos.min() > 0.999
+    with pytest.raises(ValueError, match="precision must be one of"):
+        sclcm.tl.embed(adata, precision="fp8")
+    assert "X_sclcm" not in adata.obsm
+
+
 def test_csr_sparse_formats_agree():
     model = tiny_model("geneformer")
     adata = pbmc_cells(8)

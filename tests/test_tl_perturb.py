@@ -560,6 +560,7 @@ def test_cell_sample_is_seeded():
      "goal goal 'zzz' is not a value"),
     ({"goal": {"key": "state"}}, ValueError, "goal must be a dict"),
     ({"layer": "counts"}, sclcm.InputError, "not in adata.layers"),
+    ({"precision": "float16"}, ValueError, "precision must be one of"),
 ])
 def test_errors_leave_adata_unchanged(kwargs, error, match):
     _, model = family("geneformer")
@@ -597,3 +598,23 @@ def test_plot(tmp_path):
     sclcm.pl.perturbation(adata, save=str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 0
     plt.close("all")
+
+
+def test_bf16_scores_agree_with_float32():
+    """precision="bfloat16" on CPU: the shipped model's shifts follow the float32 ones."""
+    if not sclcm.tl.shipped_models():
+        pytest.skip("no model is shipped")
+    adata = pbmc()[0].copy()
+    genes = [g for g in ("CD74", "MALAT1", "LTB", "NKG7", "S100A9", "FTL", "RPS27")
+             if g in adata.var_names]
+    out = {}
+    for precision in ("float32", "bfloat16"):
+        out[precision] = a = adata.copy()
+        sclcm.tl.perturb(a, genes, n_null=3, precision=precision)
+        assert a.uns["sclcm_perturb"]["params"]["dtype"] == precision
+    x, y = (out[p].obsm["sclcm_perturb"] for p in ("float32", "bfloat16"))
+    ok = np.isfinite(x)
+    assert np.array_equal(ok, np.isfinite(y)) and ok.sum() > 50
+    assert not np.array_equal(x[ok], y[ok])  # bf16 really ran
+    assert np.corrcoef(x[ok], y[ok])[0, 1] > 0.99
+    np.testing.assert_allclose(y[ok], x[ok], rtol=0.1, atol=2e-5)

@@ -9,7 +9,8 @@ token only ever attends within its own cell. Backends that need padding build it
   length and padded per length bucket (padding at most 15% of a bucket). Measured on 16
   pbmc3k cells, 2 CPU cores, 4 heads: 164 ms, vs 390 ms padding the whole batch and 7 s
   with nested jagged tensors; one call per cell took 118 ms for attention alone, but whole
-  Geneformer-shaped models did 13-23% more tokens per CPU-second with the buckets.
+  Geneformer-shaped models did 13-23% more tokens per CPU-second with the buckets. On a
+  CPU, buckets of cells up to :data:`SHORT_CELL` tokens use plain matrix products instead.
 - ``flash``: ``flash_attn_varlen_func`` on the packed tokens with ``cu_seqlens`` (CUDA,
   fp16/bf16; install ``sclcm[flash]``).
 """
@@ -172,6 +173,21 @@ def math_attention(q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor
     return out
 
 
+#: Longest cell that the ``sdpa`` backend attends with plain matrix products on a CPU: there
+#: SDPA's CPU kernels cost 1.3-2.5x more up to 64 tokens (float32 and bf16, 4 heads x 64,
+#: 2 threads), and less from ~96 on.
+SHORT_CELL = 64
+
+
+def _short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None, *, scale: float, dropout: float) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` on padded short cells, softmax in float32."""
+    scores = (q @ k.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return F.dropout(scores.softmax(-1), dropout).to(v.dtype) @ v
+
+
 def sdpa_attention(q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor,
                    packing: Packing, *, scale: float, dropout: float = 0.0) -> torch.Tensor:
     """Torch SDPA per length bucket (see the module docstring for why buckets)."""
@@ -181,8 +197,12 @@ def sdpa_attention(q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor
         # index_select is ~2x faster than advanced indexing here on CPU
         q, k, v = (x.index_select(0, gather).view(-1, L, H, D).transpose(1, 2)
                    for x in (q_thd, k_thd, v_thd))  # n h L d
-        o_nlhd = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                scale=scale).transpose(1, 2)
+        if L <= SHORT_CELL and q.device.type == "cpu":
+            o_nhld = _short_attention(q, k, v, mask, scale=scale, dropout=dropout)
+        else:
+            o_nhld = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                    dropout_p=dropout, scale=scale)
+        o_nlhd = o_nhld.transpose(1, 2)
         out.index_copy_(0, dest, o_nlhd.reshape(-1, H, D).index_select(0, rows))
     return out
 

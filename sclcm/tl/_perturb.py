@@ -12,6 +12,7 @@ from .. import logging as logg
 from .._checks import InputError
 from .._progress import progress
 from ._cells import CellTokens
+from ._forward import precision_for
 from ._model_ref import get_model
 from ._perturb_edit import CellIndex, Encoding, build, plan_all, plan_listed
 from ._perturb_stats import expression_groups, perturbation_table, sample_null
@@ -44,7 +45,8 @@ def perturb(adata: AnnData, genes: str | Sequence[str] = "all", *,
             shift: float = 0.25, gene_shifts: bool = False, n_cells: int | None = None,
             n_null: int = 20, layer: str | None = None, key_added: str = "sclcm_perturb",
             batch_size: int | None = None, device: str | torch.device | None = None,
-            random_state: int = 0, copy: bool = False) -> AnnData | None:
+            precision: str | None = None, random_state: int = 0,
+            copy: bool = False) -> AnnData | None:
     """Perturb genes in the tokenized cells and measure how the model's embedding moves.
 
     Every perturbed copy of every cell runs through the model packed with many others
@@ -110,8 +112,12 @@ def perturb(adata: AnnData, genes: str | Sequence[str] = "all", *,
         Copies per forward pass; ``None`` packs passes by a token budget (16,384 tokens on
         CPU, 131,072 on CUDA).
     device
-        ``"cpu"``, ``"cuda"``, ...; default :attr:`sclcm.settings.device`. bf16 autocast on
-        CUDA, float32 elsewhere.
+        ``"cpu"``, ``"cuda"``, ...; default :attr:`sclcm.settings.device`.
+    precision
+        ``"float32"`` or ``"bfloat16"`` (autocast: matrix products in bf16; shifts and
+        cosines are computed in float64 either way); default bf16 on CUDA, float32
+        elsewhere. On a CPU with native bf16 (AVX512-BF16, AMX) ``"bfloat16"`` is faster;
+        ``benchmarks/perturb_speed.py`` prints its speed and agreement with float32.
     random_state
         Seeds the cell sample and the null genes.
     copy
@@ -159,6 +165,7 @@ def perturb(adata: AnnData, genes: str | Sequence[str] = "all", *,
                n_cells=n_cells, n_null=n_null, layer=layer, copy=copy)
     net = get_model(model, device=device)
     dev = next(net.parameters()).device
+    precision = precision_for(precision, dev)
     tok = net.tokenizer
     cells = CellTokens.prepare(adata, tok, layer=layer)
     cells.check_values()
@@ -187,10 +194,11 @@ def perturb(adata: AnnData, genes: str | Sequence[str] = "all", *,
     was_training = net.training
     net.eval()
     try:
-        goal_mean = _goal_mean(net, adata, goal_rows, cells, layer, dev) if goal else None
+        goal_mean = _goal_mean(net, adata, goal_rows, cells, layer, dev, precision) \
+            if goal else None
         result = _screen(net, sub, enc, V, mode, shift, pert_ids, pert_offsets,
                          all_genes=targets is None, goal=goal_mean, gene_shifts=gene_shifts,
-                         batch_size=batch_size, device=dev)
+                         batch_size=batch_size, device=dev, precision=precision)
     finally:
         net.train(was_training)
 
@@ -210,7 +218,7 @@ def perturb(adata: AnnData, genes: str | Sequence[str] = "all", *,
             "gene_shifts": gene_shifts, "n_cells": n_cells, "n_null": n_null,
             "layer": layer, "batch_size": batch_size, "random_state": random_state,
             "model": _model_id(model), "tokenizer": tok.name, "device": str(dev),
-            "dtype": "bfloat16" if dev.type == "cuda" else "float32",
+            "dtype": precision,
         }.items() if v is not None},
     }
     if gene_shifts:
@@ -244,7 +252,7 @@ def _expression(cells: CellTokens, enc: Encoding, V: int) -> tuple[np.ndarray, i
 
 
 def _goal_mean(net: CellModel, adata: AnnData, rows: np.ndarray, cells: CellTokens,
-               layer: str | None, device: torch.device) -> np.ndarray:
+               layer: str | None, device: torch.device, precision: str) -> np.ndarray:
     """Mean embedding of the goal-state cells."""
     import torch
 
@@ -254,7 +262,7 @@ def _goal_mean(net: CellModel, adata: AnnData, rows: np.ndarray, cells: CellToke
     scorer = Scorer(net, device, n_perts=0, batch_size=None, goal=None, gene_shifts=False)
     goal = CellTokens(adata[rows], cells.tokenizer, cells.report, cells.column_map, layer)
     total, n = np.zeros(net.config.d_model), 0
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device, precision):
         for _, batch, empty in goal.batches(block_size=BLOCK_CELLS, desc="goal cells"):
             keep = np.flatnonzero(~empty)
             if len(keep):
@@ -283,7 +291,7 @@ class _Result:
 def _screen(net: CellModel, cells: CellTokens, enc: Encoding, V: int, mode: str, shift: float,
             pert_ids: np.ndarray, pert_offsets: np.ndarray, *, all_genes: bool,
             goal: np.ndarray | None, gene_shifts: bool, batch_size: int | None,
-            device: torch.device) -> _Result:
+            device: torch.device, precision: str) -> _Result:
     """The main pass: per block, the originals, then all perturbed copies, packed."""
     import torch
 
@@ -298,7 +306,7 @@ def _screen(net: CellModel, cells: CellTokens, enc: Encoding, V: int, mode: str,
     if all_genes:
         pert_of_token[pert_ids] = np.arange(n_perts)
     block = 64 if gene_shifts else BLOCK_CELLS  # the originals' token states stay in memory
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device, precision):
         for first, batch, empty in cells.batches(block_size=block, desc="perturbing"):
             index = CellIndex(batch, enc, V)
             ok = np.flatnonzero(~empty & (index.n_expressed > 0))
