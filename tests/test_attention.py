@@ -38,13 +38,19 @@ def test_sdpa_matches_math_on_real_cells(packed, generative):
     torch.testing.assert_close(outs["sdpa"], outs["math"], atol=1e-5, rtol=1e-5)
 
 
+def _short_offsets(packed):
+    """Real cell lengths cut to 2..SHORT_CELL tokens (mixed lengths, so padded buckets)."""
+    lengths = torch.minimum(packed.diff(), torch.arange(len(packed) - 1) * 5 + 2)
+    assert 2 < int(lengths.max()) <= attn_mod.SHORT_CELL < int(packed.diff().max())
+    return torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+
+
 @pytest.mark.parametrize("generative", [False, True], ids=["full", "generative"])
 def test_short_cells_take_matrix_products_and_match_math(packed, generative, monkeypatch):
-    """Cells up to SHORT_CELL tokens skip SDPA on CPU; results still match the reference,
-    with padding (mixed lengths) and scGPT's mask, and bf16 stays close to SDPA's bf16."""
-    lengths = torch.minimum(packed.diff(), torch.arange(len(packed) - 1) * 2 + 2)
-    assert int(lengths.max()) <= attn_mod.SHORT_CELL < int(packed.diff().max())
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    """On CPU, bf16 buckets up to SHORT_CELL tokens skip SDPA: forced in float32 the path
+    equals the reference (padding and scGPT's mask included); in bf16 it runs by itself and
+    stays within bf16 rounding of the float32 reference, as SDPA's bf16 kernel does."""
+    offsets = _short_offsets(packed)
     g = torch.Generator().manual_seed(1)
     query = torch.rand(int(offsets[-1]), generator=g) < 0.3 if generative else None
     calls = []
@@ -55,18 +61,50 @@ def test_short_cells_take_matrix_products_and_match_math(packed, generative, mon
 
     monkeypatch.setattr(attn_mod, "_short_attention", counting)
     q, k, v = _qkv(int(offsets[-1]))
-    out = {name: attention(q, k, v, Packing(offsets, query=query, backend=name), scale=0.25)
-           for name in ("math", "sdpa")}
-    assert calls  # the short path ran
-    torch.testing.assert_close(out["sdpa"], out["math"], atol=1e-5, rtol=1e-5)
+    ref = attention(q, k, v, Packing(offsets, query=query, backend="math"), scale=0.25)
+    sdpa = attention(q, k, v, Packing(offsets, query=query), scale=0.25)
+    assert not calls  # float32 stays on SDPA
+    with monkeypatch.context() as m:
+        m.setattr(attn_mod, "_short", lambda q, L: L <= attn_mod.SHORT_CELL)
+        short = attention(q, k, v, Packing(offsets, query=query), scale=0.25)
+    assert calls
+    torch.testing.assert_close(short, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa, ref, atol=1e-5, rtol=1e-5)
+
+    calls.clear()
     qb, kb, vb = (x.bfloat16() for x in (q, k, v))
-    short_bf16 = attention(qb, kb, vb, Packing(offsets, query=query), scale=0.25)
+    short_bf16 = attention(qb, kb, vb, Packing(offsets, query=query), scale=0.25).float()
+    assert calls  # the bf16 default
     monkeypatch.setattr(attn_mod, "SHORT_CELL", 0)  # every bucket through SDPA
-    sdpa_bf16 = attention(qb, kb, vb, Packing(offsets, query=query), scale=0.25)
-    torch.testing.assert_close(short_bf16.float(), sdpa_bf16.float(), atol=2e-2, rtol=2e-2)
+    sdpa_bf16 = attention(qb, kb, vb, Packing(offsets, query=query), scale=0.25).float()
+    for bf16 in (short_bf16, sdpa_bf16):  # both within bf16's rounding (2^-8 of ~3)
+        torch.testing.assert_close(bf16, ref, atol=2e-2, rtol=2e-2)
 
 
 _SHORT = attn_mod._short_attention
+
+
+@pytest.mark.parametrize("generative", [False, True], ids=["full", "generative"])
+def test_cells_of_one_length_attend_in_place(packed, generative):
+    """Consecutive cells of one length (a screen's copies) are attended where they lie, with
+    no gather; beside them, cells of other lengths still go through padded buckets."""
+    L = int(packed.diff().min())
+    lengths = torch.tensor([L] * 3 + [L // 3, 2 * L, L // 3 - 1])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    g = torch.Generator().manual_seed(2)
+    query = torch.rand(int(offsets[-1]), generator=g) < 0.3 if generative else None
+    p = Packing(offsets, query=query)
+    spans = {b.L: b.span for b in p.buckets}
+    assert spans == {2 * L: slice(3 * L + L // 3, 5 * L + L // 3),  # a cell alone, too
+                     L: slice(0, 3 * L), L // 3: None}  # the short two need padding
+    assert all((b.gather is None) == (b.span is not None) for b in p.buckets)
+    q, k, v = _qkv(int(offsets[-1]))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = [t.to(dtype) for t in (q, k, v)]
+        out = attention(*x, p, scale=0.25).float()
+        ref = attention(*x, Packing(offsets, query=query, backend="math"), scale=0.25).float()
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
 
 
 def test_cells_do_not_attend_to_each_other(packed):
@@ -81,10 +119,11 @@ def test_cells_do_not_attend_to_each_other(packed):
 
 def test_buckets_cover_every_token_once_with_little_padding(packed):
     p = Packing(packed)
-    dest = torch.cat([b[3] for b in p.buckets])
+    assert all(b.span is None for b in p.buckets)  # real cells: all lengths differ
+    dest = torch.cat([b.dest for b in p.buckets])
     assert torch.equal(dest.sort().values, torch.arange(p.n_tokens))
-    for L, gather, rows, _, _ in p.buckets:
-        assert len(gather) <= attn_mod.BUCKET_WASTE * len(rows) or len(gather) == L
+    for b in p.buckets:
+        assert len(b.gather) <= attn_mod.BUCKET_WASTE * len(b.rows) or len(b.gather) == b.L
 
 
 def test_empty_cells_and_unknown_backend():

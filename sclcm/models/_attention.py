@@ -9,8 +9,10 @@ token only ever attends within its own cell. Backends that need padding build it
   length and padded per length bucket (padding at most 15% of a bucket). Measured on 16
   pbmc3k cells, 2 CPU cores, 4 heads: 164 ms, vs 390 ms padding the whole batch and 7 s
   with nested jagged tensors; one call per cell took 118 ms for attention alone, but whole
-  Geneformer-shaped models did 13-23% more tokens per CPU-second with the buckets. On a
-  CPU, buckets of cells up to :data:`SHORT_CELL` tokens use plain matrix products instead.
+  Geneformer-shaped models did 13-23% more tokens per CPU-second with the buckets.
+  Consecutive cells of one length (the copies of a perturbation screen) are attended where
+  they lie, without gathering; on a CPU in bf16, buckets of cells up to
+  :data:`SHORT_CELL` tokens use plain matrix products instead of SDPA.
 - ``flash``: ``flash_attn_varlen_func`` on the packed tokens with ``cu_seqlens`` (CUDA,
   fp16/bf16; install ``sclcm[flash]``).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import cached_property
 from itertools import pairwise
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,33 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 #: Largest ratio of padded to real tokens allowed within one sdpa length bucket.
 BUCKET_WASTE = 1.15
+
+
+class Bucket(NamedTuple):
+    """Cells of similar length attended together as an ``n x L`` grid (padded backends).
+
+    Attributes
+    ----------
+    L
+        The grid's length (its longest cell).
+    gather
+        ``n * L`` token indices that fill the grid (token 0 where padded); ``None`` when the
+        cells are consecutive and all ``L`` long, so that ``span`` of the packed tokens is
+        the grid as it lies.
+    rows, dest
+        The grid's real positions and their tokens (``None`` with ``span``).
+    mask
+        SDPA's boolean mask (``True`` = attend), ``None`` where nothing needs masking.
+    span
+        The grid's tokens when they lie contiguous, else ``None``.
+    """
+
+    L: int
+    gather: torch.Tensor | None
+    rows: torch.Tensor | None
+    dest: torch.Tensor | None
+    mask: torch.Tensor | None
+    span: slice | None
 
 
 class Packing:
@@ -89,15 +119,11 @@ class Packing:
         return self.offsets.to(torch.int32)
 
     @cached_property
-    def buckets(self) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor,
-                                    torch.Tensor | None]]:
-        """``(L, gather, rows, dest, mask)`` per length bucket, for the padded backends.
+    def buckets(self) -> list[Bucket]:
+        """The cells in length buckets, for the padded backends (see :class:`Bucket`).
 
         Cells sorted by length are grouped so that each group's ``n x L`` grid holds at most
-        :data:`BUCKET_WASTE` times its real tokens. ``gather`` (``n * L``) takes tokens into
-        the grid (token 0 where padded), ``rows`` are the grid's real positions and ``dest``
-        their tokens; ``mask`` is SDPA's boolean mask (``True`` = attend), ``None`` where
-        nothing needs masking.
+        :data:`BUCKET_WASTE` times its real tokens.
         """
         lengths = self.lengths.tolist()
         order = sorted((c for c in range(self.n_cells) if lengths[c]),
@@ -109,17 +135,31 @@ class Packing:
                 groups.append(order[start:i])
                 start, real = i, lengths[c]
         groups.append(order[start:])
+        offsets = self.offsets.tolist()
         dev = self.offsets.device
         out = []
         for cells in (g for g in groups if g):
+            L = lengths[cells[0]]
+            if lengths[cells[-1]] == L and cells[-1] - cells[0] == len(cells) - 1:
+                # consecutive cells of one length (all copies of a perturbation screen):
+                # their tokens already are the grid
+                span = slice(offsets[cells[0]], offsets[cells[-1] + 1])
+                out.append(Bucket(L, None, None, None, self._span_mask(span, L), span))
+                continue
             cells_t = torch.tensor(cells, device=dev)
-            pos_l = torch.arange(lengths[cells[0]], device=dev)
+            pos_l = torch.arange(L, device=dev)
             valid_nl = pos_l < self.lengths[cells_t, None]
             index_nl = torch.where(valid_nl, self.offsets[cells_t, None] + pos_l, 0)
             rows = valid_nl.flatten().nonzero()[:, 0]
-            out.append((len(pos_l), index_nl.flatten(), rows, index_nl.flatten()[rows],
-                        self._mask(index_nl, valid_nl)))
+            out.append(Bucket(L, index_nl.flatten(), rows, index_nl.flatten()[rows],
+                              self._mask(index_nl, valid_nl), None))
         return out
+
+    def _span_mask(self, span: slice, L: int) -> torch.Tensor | None:
+        if self.query is None:
+            return None
+        index_nl = torch.arange(span.start, span.stop, device=self.offsets.device).view(-1, L)
+        return self._mask(index_nl, torch.ones_like(index_nl, dtype=torch.bool))
 
     def _mask(self, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | None:
         if self.query is None:
@@ -173,19 +213,34 @@ def math_attention(q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor
     return out
 
 
-#: Longest cell that the ``sdpa`` backend attends with plain matrix products on a CPU: there
-#: SDPA's CPU kernels cost 1.3-2.5x more up to 64 tokens (float32 and bf16, 4 heads x 64,
-#: 2 threads), and less from ~96 on.
-SHORT_CELL = 64
+#: Longest cell that the ``sdpa`` backend attends with plain matrix products, head by head,
+#: on a CPU in bf16/fp16: there SDPA's CPU kernels cost up to 2x more up to ~128 tokens
+#: (4 heads x 64, 2 threads). In float32 SDPA is as fast or faster at every length.
+SHORT_CELL = 128
 
 
-def _short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor | None, *, scale: float, dropout: float) -> torch.Tensor:
-    """``softmax(q k^T * scale) v`` on padded short cells, softmax in float32."""
-    scores = (q @ k.transpose(-1, -2)).float() * scale
+def _short(q: torch.Tensor, L: int) -> bool:
+    """Whether a bucket of cells ``L`` long takes :func:`_short_attention`."""
+    return (L <= SHORT_CELL and q.device.type == "cpu"
+            and q.dtype in (torch.bfloat16, torch.float16))
+
+
+def _short_attention(q_nlhd: torch.Tensor, k_nlhd: torch.Tensor, v_nlhd: torch.Tensor,
+                     mask: torch.Tensor | None, *, scale: float, dropout: float
+                     ) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` on a grid of cells, one head at a time, softmax in
+    float32. A head's ``n x L x d`` slice is a strided view that batched matrix products
+    read as it lies, where a head-major layout would first have to be copied."""
+    out_nlhd = torch.empty_like(q_nlhd)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return F.dropout(scores.softmax(-1), dropout).to(v.dtype) @ v
+        mask = mask[:, 0]  # the same for every head
+    for h in range(q_nlhd.shape[2]):
+        scores = torch.bmm(q_nlhd[:, :, h], k_nlhd[:, :, h].transpose(1, 2)).float() * scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        p = F.dropout(scores.softmax(-1), dropout).to(v_nlhd.dtype)
+        out_nlhd[:, :, h] = torch.bmm(p, v_nlhd[:, :, h])
+    return out_nlhd
 
 
 def sdpa_attention(q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor,
@@ -193,17 +248,22 @@ def sdpa_attention(q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor
     """Torch SDPA per length bucket (see the module docstring for why buckets)."""
     _, H, D = q_thd.shape
     out = torch.empty_like(q_thd)
-    for L, gather, rows, dest, mask in packing.buckets:
-        # index_select is ~2x faster than advanced indexing here on CPU
-        q, k, v = (x.index_select(0, gather).view(-1, L, H, D).transpose(1, 2)
-                   for x in (q_thd, k_thd, v_thd))  # n h L d
-        if L <= SHORT_CELL and q.device.type == "cpu":
-            o_nhld = _short_attention(q, k, v, mask, scale=scale, dropout=dropout)
+    for L, gather, rows, dest, mask, span in packing.buckets:
+        if span is not None:
+            q, k, v = (x[span].view(-1, L, H, D) for x in (q_thd, k_thd, v_thd))
+        else:  # index_select is ~2x faster than advanced indexing here on CPU
+            q, k, v = (x.index_select(0, gather).view(-1, L, H, D)
+                       for x in (q_thd, k_thd, v_thd))
+        if _short(q, L):
+            o_nlhd = _short_attention(q, k, v, mask, scale=scale, dropout=dropout)
         else:
-            o_nhld = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                    dropout_p=dropout, scale=scale)
-        o_nlhd = o_nhld.transpose(1, 2)
-        out.index_copy_(0, dest, o_nlhd.reshape(-1, H, D).index_select(0, rows))
+            o_nlhd = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                dropout_p=dropout, scale=scale).transpose(1, 2)
+        if span is not None:
+            out[span] = o_nlhd.reshape(-1, H, D)
+        else:
+            out.index_copy_(0, dest, o_nlhd.reshape(-1, H, D).index_select(0, rows))
     return out
 
 
