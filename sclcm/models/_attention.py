@@ -214,9 +214,10 @@ def math_attention(q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor
 
 
 #: Longest cell that the ``sdpa`` backend attends with plain matrix products, head by head,
-#: on a CPU in bf16/fp16: there SDPA's CPU kernels cost up to 2x more up to ~128 tokens
-#: (4 heads x 64, 2 threads). In float32 SDPA is as fast or faster at every length.
-SHORT_CELL = 128
+#: on a CPU in bf16/fp16: there SDPA's CPU kernel costs 1.3-1.7x more up to 512 tokens, and
+#: less from ~1,024 on (4 heads x 64, 2 threads, 16,384 tokens per call). In float32 SDPA is
+#: as fast or faster at every length.
+SHORT_CELL = 512
 
 
 def _short(q: torch.Tensor, L: int) -> bool:
@@ -228,18 +229,21 @@ def _short(q: torch.Tensor, L: int) -> bool:
 def _short_attention(q_nlhd: torch.Tensor, k_nlhd: torch.Tensor, v_nlhd: torch.Tensor,
                      mask: torch.Tensor | None, *, scale: float, dropout: float
                      ) -> torch.Tensor:
-    """``softmax(q k^T * scale) v`` on a grid of cells, one head at a time, softmax in
-    float32. A head's ``n x L x d`` slice is a strided view that batched matrix products
-    read as it lies, where a head-major layout would first have to be copied."""
+    """``softmax(q k^T * scale) v`` on a grid of cells, one head at a time.
+
+    A head's ``n x L x d`` slice is a strided view that batched matrix products read as it
+    lies, where a head-major layout would first have to be copied. Scores stay in the
+    input's dtype: the softmax kernel sums in float32 inside, and a float32 copy of the
+    scores costs more than the products themselves from ~256 tokens on.
+    """
     out_nlhd = torch.empty_like(q_nlhd)
     if mask is not None:
-        mask = mask[:, 0]  # the same for every head
+        mask = ~mask[:, 0]  # the same for every head; True = hidden
     for h in range(q_nlhd.shape[2]):
-        scores = torch.bmm(q_nlhd[:, :, h], k_nlhd[:, :, h].transpose(1, 2)).float() * scale
+        scores = torch.bmm(q_nlhd[:, :, h], k_nlhd[:, :, h].transpose(1, 2)).mul_(scale)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        p = F.dropout(scores.softmax(-1), dropout).to(v_nlhd.dtype)
-        out_nlhd[:, :, h] = torch.bmm(p, v_nlhd[:, :, h])
+            scores = scores.masked_fill_(mask, float("-inf"))
+        out_nlhd[:, :, h] = torch.bmm(F.dropout(scores.softmax(-1), dropout), v_nlhd[:, :, h])
     return out_nlhd
 
 
