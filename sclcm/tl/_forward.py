@@ -94,7 +94,8 @@ def precision_for(precision: str | None, device: torch.device) -> str:
 
 def autocast(device: torch.device, precision: str = "float32"
              ) -> contextlib.AbstractContextManager:
-    """bf16 autocast (matrix products in bf16, norms and softmax in float32), or nothing.
+    """bf16 autocast (matrix products in bf16, norms in float32, softmax summed in float32),
+    or nothing.
 
     bf16 doubles matrix-product throughput on GPUs and on CPUs with native bf16
     (AVX512-BF16, AMX); elsewhere a CPU emulates it, slower than float32.
