@@ -214,7 +214,7 @@ def math_attention(q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor
 
 
 #: Longest cell that the ``sdpa`` backend attends with plain matrix products, head by head,
-#: on a CPU in bf16/fp16: there SDPA's CPU kernel costs 1.3-1.7x more up to 512 tokens, and
+#: on a CPU in bf16/fp16: there SDPA's CPU kernel costs 1.3-1.8x more up to 512 tokens, and
 #: less from ~1,024 on (4 heads x 64, 2 threads, 16,384 tokens per call). In float32 SDPA is
 #: as fast or faster at every length.
 SHORT_CELL = 512
