@@ -6,8 +6,9 @@
     python benchmarks/embedding_quality.py --baselines-only
 
 Datasets (no Kang or Baron file is used in pretraining): Kang 2018 control PBMC (labels
-cell_type, batch donor), Kang 2018 IFN-beta PBMC (cell_type, batch sample) and Baron 2016
-pancreas, human and mouse (cell_type, batch species). Each is scored for the sclcm
+cell_type, batch donor), Kang 2018 IFN-beta PBMC (cell_type, batch sample), Baron 2016
+pancreas, human and mouse (cell_type, batch species) and Baron 2016 human pancreas (2,142
+cells of 14 types, batch donor). Each is scored for the sclcm
 embedding, HVG + PCA (normalize_total, log1p, 2,000 HVGs, scale, 50 PCs) and PCA of all
 log-normalized genes (50 PCs): NMI and ARI of Leiden clusters at scIB's optimal resolution,
 cell-type ASW, AvgBIO = mean(NMI, ARI, cASW), and batch ASW (1 = batches mixed within each
@@ -44,6 +45,7 @@ DATASETS = [
     ("Kang 2018 IFN-b", "muscat_kang2018_ifnb_pbmc_1556.h5ad", "cell_type", "sample"),
     ("Baron human+mouse", "cider_baron2016_pancreas_human_mouse_328.h5ad", "cell_type",
      "species"),
+    ("Baron human", "came_baron2016_pancreas_human_2142.h5ad", "cell_type", "donor"),
 ]
 
 

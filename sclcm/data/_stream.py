@@ -12,10 +12,12 @@ from .. import logging as logg
 from ._plan import Ranges, rank_share, share_size, worker_part
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from ..tokenizers import TokenBatch, Tokenizer
     from ._block import CellBlock
+
+    Targets = Callable[[CellBlock, TokenBatch], TokenBatch]
 
 
 def identity(block: Any) -> Any:
@@ -103,9 +105,12 @@ class CellStream(IterableDataset):
                              f"{self.world_size}: every rank reads the same cells. Call "
                              "stream.set_shard(rank, world_size) (CellDataModule does).")
 
-    def tokenize(self, tokenizer: Tokenizer, **kwargs: Any) -> TokenizedStream:
-        """This stream with each block encoded by ``tokenizer`` (in the DataLoader workers)."""
-        return TokenizedStream(self, tokenizer, **kwargs)
+    def tokenize(self, tokenizer: Tokenizer, *, targets: Targets | None = None,
+                 **kwargs: Any) -> TokenizedStream:
+        """This stream with each block encoded by ``tokenizer`` (in the DataLoader workers);
+        ``targets(block, batch)`` adds what the raw counts give beyond the tokens (e.g. the
+        reconstruction target, :class:`sclcm.train.PanelTargets`)."""
+        return TokenizedStream(self, tokenizer, targets=targets, **kwargs)
 
 
 class ChunkedStream(CellStream):
@@ -192,9 +197,11 @@ class TokenizedStream(IterableDataset):
     training process. ``cell_index`` of each batch holds the stream's cell ids.
     """
 
-    def __init__(self, stream: CellStream, tokenizer: Tokenizer, **kwargs: Any) -> None:
+    def __init__(self, stream: CellStream, tokenizer: Tokenizer, *,
+                 targets: Targets | None = None, **kwargs: Any) -> None:
         super().__init__()
         self.stream, self.tokenizer, self.kwargs = stream, tokenizer, kwargs
+        self.targets = targets
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
@@ -207,4 +214,5 @@ class TokenizedStream(IterableDataset):
 
     def __iter__(self) -> Iterator[TokenBatch]:
         for block in self.stream:
-            yield block.tokenize(self.tokenizer, **self.kwargs)
+            batch = block.tokenize(self.tokenizer, **self.kwargs)
+            yield batch if self.targets is None else self.targets(block, batch)

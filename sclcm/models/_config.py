@@ -93,6 +93,10 @@ class ModelConfig:
         Cell embedding: ``"cls"`` (the first token's state) or ``"mean"`` (over genes).
     n_classes
         Classification head for fine-tuning (0 for none).
+    recon_panel
+        Token ids of the genes the reconstruction head predicts from the cell embedding
+        alone (a bottleneck: log1p of counts per 10,000 over a fixed panel, zeros included;
+        see :mod:`sclcm.train`); empty for no head.
     attn_implementation
         ``"auto"`` (flash-attn when installed and the input is CUDA half precision, else
         ``"sdpa"``), ``"flash"``, ``"sdpa"`` or ``"math"`` (the plain reference).
@@ -128,6 +132,7 @@ class ModelConfig:
     decoder_d_ff: int = 0
     pooling: Literal["cls", "mean"] = "mean"
     n_classes: int = 0
+    recon_panel: list[int] = field(default_factory=list)
     initializer_range: float = 0.02
     attn_implementation: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (e.g. import source)
@@ -196,6 +201,11 @@ class ModelConfig:
             (self.decoder_layers == 0 or (self.decoder_heads > 0
                                           and self.decoder_d_model % self.decoder_heads == 0),
              "decoder_d_model must be a multiple of decoder_heads"),
+            (all(self.n_special_tokens <= g < self.vocab_size for g in self.recon_panel)
+             or self.vocab_size == 0,
+             "recon_panel must hold gene token ids (n_special_tokens..vocab_size - 1)"),
+            (len(set(self.recon_panel)) == len(self.recon_panel),
+             "recon_panel must not repeat a gene"),
             (self.pooling != "cls" or self.cls_id >= 0,
              "pooling='cls' needs a <cls> token in the vocabulary (cls_id >= 0)"),
         ]

@@ -155,6 +155,8 @@ class CellModel(nn.Module):
                      "depth_value": lambda: ValueHead(cfg.decoder_d_model)}[cfg.objective]()
         self.mvc = MVCDecoder(d) if cfg.mvc else None
         self.classifier = ClassifierHead(d, cfg.n_classes, cfg.dropout) if cfg.n_classes else None
+        # a bottleneck: a linear read of the cell embedding must hold the cell's expression
+        self.recon_head = nn.Linear(d, len(cfg.recon_panel)) if cfg.recon_panel else None
         self.tie_weights()
         self.reset_parameters()
 
@@ -254,7 +256,8 @@ class CellModel(nn.Module):
         tokens added, scFoundation's masked tokens left out), ``hidden_states`` (layer ->
         tensor) when asked, ``cell_embedding``; from the heads, at the input tokens
         ``target_index`` (the masked ones, else all): ``logits`` (mlm, bin), ``pred``
-        (values), ``mvc_pred``; ``class_logits``; scFoundation's ``decoder_pred``,
+        (values), ``mvc_pred``; per cell: ``class_logits``, ``recon_pred`` (the
+        ``recon_panel`` genes' log1p expression per 10,000 counts); scFoundation's ``decoder_pred``,
         ``decoder_gene_ids``, ``decoder_offsets``.
         """
         cfg = self.config
@@ -318,6 +321,8 @@ class CellModel(nn.Module):
                                        out["cell_embedding"][inp.cell[target]])
         if self.classifier is not None:
             out["class_logits"] = self.classifier(out["cell_embedding"])
+        if self.recon_head is not None:
+            out["recon_pred"] = self.recon_head(out["cell_embedding"])
         return out
 
     def _decode(self, h_td: torch.Tensor, enc: Packing, enc_pos: torch.Tensor, inp: Packing,

@@ -10,10 +10,15 @@
   position is saved in every checkpoint.
 - :func:`load_config` and :class:`PretrainConfig`: the YAML configuration; presets ship in
   ``sclcm/train/configs``.
+- Cell-level objectives (:class:`ObjectivesConfig`): reconstruction of a highly variable
+  gene panel from the cell embedding (:class:`PanelTargets` makes its targets) and
+  contrastive gene-subset views, weighted with the token objective (:func:`batch_terms`,
+  :func:`total_loss`).
 """
 
 from ._batching import MicroBatch, group_by_length, micro_batches, split_further
-from ._config import ConfigError, PretrainConfig, load_config
+from ._cell_objectives import PanelTargets, choose_panel, info_nce, reconstruction_loss
+from ._config import ConfigError, ObjectivesConfig, PretrainConfig, load_config
 from ._datamodule import PretrainDataModule
 from ._module import (
     NonFiniteLossError,
@@ -21,7 +26,7 @@ from ._module import (
     WarmupCosine,
     model_from_checkpoint,
 )
-from ._objectives import FrequencyBaseline, evaluate, masked_losses
+from ._objectives import FrequencyBaseline, batch_terms, evaluate, masked_losses, total_loss
 from ._resume import MicroBatchLoader
 from ._run import pretrain
 
@@ -31,16 +36,23 @@ __all__ = [
     "MicroBatch",
     "MicroBatchLoader",
     "NonFiniteLossError",
+    "ObjectivesConfig",
+    "PanelTargets",
     "PretrainConfig",
     "PretrainDataModule",
     "PretrainModule",
     "WarmupCosine",
+    "batch_terms",
+    "choose_panel",
     "evaluate",
     "group_by_length",
+    "info_nce",
     "load_config",
     "masked_losses",
     "micro_batches",
     "model_from_checkpoint",
     "pretrain",
+    "reconstruction_loss",
     "split_further",
+    "total_loss",
 ]

@@ -1,7 +1,7 @@
 """The pretraining configuration: YAML sections as dataclasses, checked on load.
 
 A config is a YAML file (or a dict) with the sections ``data``, ``tokenizer``, ``vocab``,
-``model``, ``optim``, ``trainer`` and the key ``out_dir``; the four presets ship as
+``model``, ``optim``, ``objectives``, ``trainer`` and the key ``out_dir``; the presets ship as
 ``sclcm/train/configs/<preset>.yaml`` and load by name (``load_config("geneformer")``).
 Every key is checked: an unknown one is an error that lists the known ones. Strings in
 paths expand ``$VARS`` / ``${VARS}``; relative data paths are relative to the config file.
@@ -117,6 +117,27 @@ class OptimConfig:
 
 
 @dataclass
+class ObjectivesConfig:
+    """What the loss is made of: each objective's weight (0: off).
+
+    ``token``: the family's own objective (``mlm``, ``bin``, ``value`` or ``depth_value``,
+    on ``optim.mask_prob`` of the tokens; scGPT's MVC term keeps ``optim.mvc_weight``);
+    with weight 0 nothing is masked. ``reconstruction``: the bottleneck head predicting
+    log1p counts per 10,000 of ``panel_size`` highly variable genes from the cell
+    embedding. ``contrastive``: InfoNCE between two gene subsets of each cell (each gene
+    kept with probability ``view_keep``) at ``temperature``. See
+    :mod:`sclcm.train._cell_objectives`.
+    """
+
+    token: float = 1.0
+    reconstruction: float = 0.0
+    contrastive: float = 0.0
+    panel_size: int = 2_000
+    temperature: float = 0.1
+    view_keep: float = 0.5
+
+
+@dataclass
 class TrainerConfig:
     """Lightning ``Trainer`` settings; ``precision: auto`` is bf16-mixed on a GPU, else 32."""
 
@@ -142,6 +163,7 @@ class PretrainConfig:
     vocab: VocabConfig = field(default_factory=VocabConfig)
     model: ModelSection = field(default_factory=ModelSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     out_dir: str = "sclcm_pretrain"
     name: str | None = None
@@ -328,6 +350,24 @@ def _check(cfg: PretrainConfig) -> None:
         if value < 1:
             msg = f"{key} must be positive, not {value}."
             raise ConfigError(msg)
+    ob = cfg.objectives
+    weights = {"objectives.token": ob.token, "objectives.reconstruction": ob.reconstruction,
+               "objectives.contrastive": ob.contrastive}
+    for key, value in weights.items():
+        if value < 0:
+            msg = f"{key} must be a weight >= 0, not {value}."
+            raise ConfigError(msg)
+    if not any(weights.values()):
+        msg = ("Every objective has weight 0: set objectives.token, objectives.reconstruction "
+               "or objectives.contrastive above 0.")
+        raise ConfigError(msg)
+    if ob.reconstruction and ob.panel_size < 1:
+        msg = f"objectives.panel_size must be positive, not {ob.panel_size}."
+        raise ConfigError(msg)
+    if ob.contrastive and not (0 < ob.view_keep < 1 and ob.temperature > 0):
+        msg = ("objectives.view_keep must lie in (0, 1) and objectives.temperature be > 0, not "
+               f"{ob.view_keep} and {ob.temperature}.")
+        raise ConfigError(msg)
     if len(cfg.optim.betas) != 2:
         msg = f"optim.betas must be two numbers, not {cfg.optim.betas}."
         raise ConfigError(msg)

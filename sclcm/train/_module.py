@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 
 from ..data import MaskingCollator
-from ._objectives import check_objective, masked_losses, to_device
+from ._config import ObjectivesConfig
+from ._objectives import batch_terms, check_objective, total_loss
 
 if TYPE_CHECKING:
     from ..models import CellModel
@@ -54,12 +56,15 @@ def step_seed(*keys: int) -> int:
 
 
 class PretrainModule(L.LightningModule):
-    """Pretrain a :class:`~sclcm.models.CellModel` on masked tokens, for any preset.
+    """Pretrain a :class:`~sclcm.models.CellModel`, for any preset, on its token objective
+    and the cell-level objectives, weighted by ``objectives``.
 
-    The loss follows ``model.config.objective`` (see :mod:`sclcm.train._objectives`):
+    The token loss follows ``model.config.objective`` (see :mod:`sclcm.train._objectives`):
     cross-entropy over the vocabulary (``mlm``) or the bins (``bin``) of the masked tokens,
     or their squared error (``value``, plus scGPT's MVC term when ``config.mvc``;
-    ``depth_value`` through scFoundation's decoder). Masks come from
+    ``depth_value`` through scFoundation's decoder). The cell-level losses (reconstruction
+    of a gene panel from the cell embedding, contrastive views) are in
+    :mod:`sclcm.train._cell_objectives`. Masks and views come from
     :class:`~sclcm.data.MaskingCollator`, seeded with the step, as do the dropout masks: a
     resumed run trains exactly as an uninterrupted one.
 
@@ -76,24 +81,38 @@ class PretrainModule(L.LightningModule):
         Masking (see :class:`~sclcm.data.MaskingCollator`).
     mvc_weight
         Weight of scGPT's MVC loss.
+    objectives
+        The weight of each objective (:class:`~sclcm.train.ObjectivesConfig` or a dict of
+        its fields; default: the token objective alone).
     seed
         Seeds masks and dropout (with the step and the rank).
     throughput_window
         Steps over which ``train/tokens_per_s`` is averaged.
 
-    Logged: ``train/loss``, ``train/mvc``, ``train/lr``, ``train/tokens_per_s`` (real tokens,
-    no padding, of all ranks), ``train/cells_per_s``, ``val/loss``.
+    Logged: ``train/loss`` (the weighted sum), ``train/objective`` (the token objective),
+    ``train/mvc``, ``train/reconstruction``, ``train/contrastive``, ``train/lr``,
+    ``train/tokens_per_s`` (real tokens, no padding, of all ranks), ``train/cells_per_s``,
+    and ``val/loss`` (weighted) with ``val/<term>`` per objective.
     """
 
     def __init__(self, model: CellModel, *, lr: float = 1e-4, weight_decay: float = 0.01,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
                  max_steps: int | None = None, min_lr_ratio: float = 0.1,
                  mask_prob: float = 0.15, generative: bool = False, mvc_weight: float = 1.0,
+                 objectives: ObjectivesConfig | dict[str, Any] | None = None,
                  seed: int = 0, throughput_window: int = 50) -> None:
         super().__init__()
         check_objective(model.config)
         self.model = model
-        self.save_hyperparameters(ignore=["model"])
+        obj = objectives if isinstance(objectives, ObjectivesConfig) else \
+            ObjectivesConfig(**(objectives or {}))
+        if obj.reconstruction > 0 and model.recon_head is None:
+            msg = ("objectives.reconstruction needs a model with a reconstruction head: "
+                   "build it with ModelConfig(recon_panel=...) (sclcm.train.pretrain does).")
+            raise ValueError(msg)
+        self.objectives = obj
+        self.save_hyperparameters(ignore=["model", "objectives"])
+        self.hparams["objectives"] = dataclasses.asdict(obj)
         self.collator = MaskingCollator(model.config, mask_prob=mask_prob,
                                         generative=generative, seed=seed)
         self.eval_collator = MaskingCollator(model.config, mask_prob=mask_prob,
@@ -103,26 +122,25 @@ class PretrainModule(L.LightningModule):
 
     # --- loss ----------------------------------------------------------------------
     def masked_loss(self, batch: MicroBatch, step: int, *, collator: MaskingCollator | None = None
-                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mean loss over the masked tokens of ``batch`` (masks drawn for ``step``)."""
-        inputs = to_device((collator or self.collator)(batch.tokens, step=step), self.device)
-        parts = masked_losses(self.model, inputs)
-        n = parts["n"].clamp(min=1)
-        loss = parts["objective"] / n
-        if "mvc" in parts:
-            loss = loss + self.hparams.mvc_weight * parts["mvc"] / n
-        return loss, parts
+                    ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, float]]]:
+        """The weighted loss of ``batch`` (masks and views drawn for ``step``) and its terms
+        (``{term: (sum, count)}``, see :func:`~sclcm.train.batch_terms`)."""
+        terms = batch_terms(self.model, batch.tokens, step=step,
+                            collator=collator or self.collator, objectives=self.objectives,
+                            device=self.device)
+        return total_loss(terms, self.objectives, self.hparams.mvc_weight), terms
 
     def training_step(self, batch: MicroBatch, batch_idx: int) -> torch.Tensor:
         accumulate = self.trainer.accumulate_grad_batches
         step = self.global_step * accumulate + batch_idx % accumulate
         torch.manual_seed(step_seed(self.hparams.seed, step, self.global_rank))
-        loss, parts = self.masked_loss(batch, step)
+        loss, terms = self.masked_loss(batch, step)
         self._check_finite(loss, batch, batch_idx)
-        n = int(parts["n"])
+        n = batch.n_cells
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=n)
-        if "mvc" in parts:
-            self.log("train/mvc", parts["mvc"].detach() / max(n, 1), batch_size=n)
+        if len(terms) > 1 or "objective" not in terms:
+            for k, (total, count) in terms.items():
+                self.log(f"train/{k}", total.detach() / max(count, 1.0), batch_size=n)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         return loss
 
@@ -154,10 +172,11 @@ class PretrainModule(L.LightningModule):
         self._window.clear()  # the epoch's first batch waits for the stream to restart
 
     def validation_step(self, batch: MicroBatch, batch_idx: int) -> None:
-        _, parts = self.masked_loss(batch, batch_idx, collator=self.eval_collator)
-        n = int(parts["n"])
-        self.log("val/loss", parts["objective"] / max(n, 1), batch_size=max(n, 1),
-                 sync_dist=True, on_step=False, on_epoch=True, prog_bar=True)
+        loss, terms = self.masked_loss(batch, batch_idx, collator=self.eval_collator)
+        opts = dict(batch_size=batch.n_cells, sync_dist=True, on_step=False, on_epoch=True)
+        self.log("val/loss", loss, prog_bar=True, **opts)
+        for k, (total, count) in terms.items():
+            self.log(f"val/{k}", total / max(count, 1.0), **opts)
 
     # --- optimizer -----------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

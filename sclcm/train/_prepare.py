@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import logging as logg
 from ..genes import GeneVocab
+from ._cell_objectives import ExpressionMoments, PanelTargets, choose_panel
 from ._config import ConfigError, data_paths, expand
 from ._objectives import FrequencyBaseline
 
@@ -38,6 +39,12 @@ class Prepared:
     vocab: GeneVocab
     tokenizer: Tokenizer
     summary: dict[str, Any]
+    panel: np.ndarray | None = None  # token ids of the reconstruction panel
+
+    @property
+    def targets(self) -> PanelTargets | None:
+        """What adds the reconstruction target to each tokenized block (None without one)."""
+        return None if self.panel is None else PanelTargets(self.panel, self.tokenizer)
 
 
 # --- streams --------------------------------------------------------------------------
@@ -124,15 +131,17 @@ def reference_vocab(cfg: PretrainConfig) -> GeneVocab:
 
 
 def gene_statistics(cfg: PretrainConfig, train: CellStream, reference: GeneVocab
-                    ) -> tuple[np.ndarray, np.ndarray | None, int]:
+                    ) -> tuple[np.ndarray, np.ndarray | None, int, ExpressionMoments | None]:
     """Per reference gene: cells it is detected in, and (Geneformer) its non-zero median
-    of normalized expression; and the number of cells read."""
+    of normalized expression; the number of cells read; and (for the reconstruction
+    objective) the moments of counts per 10,000 that choose its panel."""
     from ..tokenizers import GeneformerTokenizer, ScFoundationTokenizer
 
     geneformer = cfg.family == "geneformer"
     # any family's column map will do for counting; Geneformer's is needed for medians
     mapper = GeneformerTokenizer(reference) if geneformer else ScFoundationTokenizer(reference)
     detected = np.zeros(len(reference), dtype=np.int64)
+    moments = ExpressionMoments(len(reference)) if cfg.objectives.reconstruction else None
     n_cells = 0
 
     def blocks():  # counts detection on the way through the median fit
@@ -143,6 +152,9 @@ def gene_statistics(cfg: PretrainConfig, train: CellStream, reference: GeneVocab
             slots = cmap.slot[X.indices]
             hit = (slots >= 0) & (X.data != 0)
             detected[:] += np.bincount(cmap.token_ids[slots[hit]], minlength=len(reference))
+            if moments is not None:
+                moments.add(X, np.where(cmap.slot >= 0,
+                                        cmap.token_ids[np.maximum(cmap.slot, 0)], -1))
             n_cells += block.n_cells
             yield X, cmap
 
@@ -153,13 +165,14 @@ def gene_statistics(cfg: PretrainConfig, train: CellStream, reference: GeneVocab
         for _ in blocks():
             pass
         medians = None
-    return detected, medians, n_cells
+    return detected, medians, n_cells, moments
 
 
 def build_vocab_and_tokenizer(cfg: PretrainConfig, train: CellStream
-                              ) -> tuple[GeneVocab, Tokenizer, dict[str, Any]]:
-    """The vocabulary (restricted to the training genes, or scBERT's panel) and the
-    tokenizer of ``cfg.family`` over it, fitted on the training cells."""
+                              ) -> tuple[GeneVocab, Tokenizer, dict[str, Any], np.ndarray | None]:
+    """The vocabulary (restricted to the training genes, or scBERT's panel), the
+    tokenizer of ``cfg.family`` over it, fitted on the training cells, and the token ids
+    of the reconstruction panel (None without that objective)."""
     from ..tokenizers import (
         GeneformerTokenizer,
         ScBERTTokenizer,
@@ -170,7 +183,7 @@ def build_vocab_and_tokenizer(cfg: PretrainConfig, train: CellStream
     start = logg.info(f"reading up to {cfg.data.stats_cells:,} training cells for the "
                       "vocabulary and tokenizer")
     reference = reference_vocab(cfg)
-    detected, medians, n_cells = gene_statistics(cfg, train, reference)
+    detected, medians, n_cells, moments = gene_statistics(cfg, train, reference)
     n_special = len(reference.special_tokens)
     genes = detected[n_special:]
     keep = genes >= cfg.vocab.min_cells if cfg.vocab.restrict_to_data else \
@@ -199,19 +212,34 @@ def build_vocab_and_tokenizer(cfg: PretrainConfig, train: CellStream
         raise ConfigError(msg) from None
     logg.info(f"    {n_cells:,} cells: {vocab.n_genes:,} of {reference.n_genes:,} reference "
               f"genes in the vocabulary; {tokenizer!r}", time=start)
-    return vocab, tokenizer, {"stats_cells": n_cells, "reference_genes": reference.n_genes,
-                              "vocab_genes": vocab.n_genes}
+    summary = {"stats_cells": n_cells, "reference_genes": reference.n_genes,
+               "vocab_genes": vocab.n_genes}
+    panel = None
+    if moments is not None:
+        # reference token id -> vocabulary token id of the kept genes
+        kept = n_special + np.flatnonzero(keep)
+        chosen = choose_panel(moments, kept, cfg.objectives.panel_size)
+        panel = (n_special + np.searchsorted(kept, chosen)).astype(np.int64)
+        summary.update(panel_size=len(panel), panel_rule=(
+            f"the {cfg.objectives.panel_size} most variable vocabulary genes of {n_cells:,} "
+            "training cells (Seurat dispersion of counts per 10,000, 20 mean bins)"))
+        logg.info(f"    reconstruction panel: {len(panel):,} highly variable genes")
+    return vocab, tokenizer, summary, panel
 
 
 def fit_baseline(cfg: PretrainConfig, train: CellStream, tokenizer: Tokenizer,
-                 config: ModelConfig) -> FrequencyBaseline:
-    """The frequency baseline from up to ``data.stats_cells`` tokenized training cells."""
+                 config: ModelConfig, targets: PanelTargets | None = None
+                 ) -> FrequencyBaseline:
+    """The frequency baseline from up to ``data.stats_cells`` tokenized training cells
+    (and the mean panel, with ``targets``)."""
     blocks = first_blocks(train, cfg.data.stats_cells)
-    return FrequencyBaseline.fit((b.tokenize(tokenizer) for b in blocks), config)
+    batches = (b.tokenize(tokenizer) if targets is None else targets(b, b.tokenize(tokenizer))
+               for b in blocks)
+    return FrequencyBaseline.fit(batches, config)
 
 
 def prepare(cfg: PretrainConfig) -> Prepared:
-    """Streams, vocabulary and fitted tokenizer of a run."""
+    """Streams, vocabulary, fitted tokenizer and reconstruction panel of a run."""
     train, held = build_streams(cfg)
-    vocab, tokenizer, summary = build_vocab_and_tokenizer(cfg, train)
-    return Prepared(train, held, vocab, tokenizer, summary)
+    vocab, tokenizer, summary, panel = build_vocab_and_tokenizer(cfg, train)
+    return Prepared(train, held, vocab, tokenizer, summary, panel)

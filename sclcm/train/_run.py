@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import warnings
@@ -87,11 +88,14 @@ def build_trainer(cfg: PretrainConfig, out_dir: Path, *, validate: bool,
         default_root_dir=out_dir, **val)
 
 
-def build_model(cfg: PretrainConfig, vocab, tokenizer) -> CellModel:
-    """``ModelConfig.preset(model.preset, model.size, vocab=vocab, **model.overrides)``."""
+def build_model(cfg: PretrainConfig, vocab, tokenizer, panel=None) -> CellModel:
+    """``ModelConfig.preset(model.preset, model.size, vocab=vocab, **model.overrides)``,
+    with a reconstruction head over ``panel`` (token ids) when given."""
     from ..models import CellModel, ModelConfig
 
     overrides = dict(cfg.model.overrides)
+    if panel is not None:
+        overrides["recon_panel"] = [int(g) for g in panel]
     max_len = getattr(tokenizer, "max_len", None)
     if cfg.model.preset == "geneformer" and max_len and "max_position" not in overrides:
         overrides["max_position"] = max_len  # no position rows the tokenizer never uses
@@ -108,10 +112,11 @@ def build_model(cfg: PretrainConfig, vocab, tokenizer) -> CellModel:
     return CellModel(config, vocab=vocab, tokenizer=tokenizer)
 
 
-def held_out_batches(held: Any, cfg: PretrainConfig, tokenizer) -> list:
+def held_out_batches(held: Any, cfg: PretrainConfig, tokenizer, targets=None) -> list:
     """The held-out micro-batches (all of them, whatever the ranks: read in this process)."""
     held.set_shard(0, 1)
-    return list(MicroBatchLoader(held.tokenize(tokenizer), max_tokens=cfg.optim.max_tokens,
+    return list(MicroBatchLoader(held.tokenize(tokenizer, targets=targets),
+                                 max_tokens=cfg.optim.max_tokens,
                                  seed=cfg.trainer.seed, max_cells=cfg.data.held_out_max_cells))
 
 
@@ -151,16 +156,18 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
     out_dir = Path(expand(cfg.out_dir, key="out_dir"))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     prep = prepare(cfg)
-    model = build_model(cfg, prep.vocab, prep.tokenizer)
-    o = cfg.optim
+    model = build_model(cfg, prep.vocab, prep.tokenizer, prep.panel)
+    o, objectives, targets = cfg.optim, cfg.objectives, prep.targets
     module = PretrainModule(model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
                             warmup_steps=o.warmup_steps, max_steps=o.max_steps,
                             min_lr_ratio=o.min_lr_ratio, mask_prob=o.mask_prob,
                             generative=o.generative, mvc_weight=o.mvc_weight,
-                            seed=cfg.trainer.seed, throughput_window=cfg.trainer.log_every)
+                            objectives=objectives, seed=cfg.trainer.seed,
+                            throughput_window=cfg.trainer.log_every)
     tok, held = prep.tokenizer, prep.held_out
     data = PretrainDataModule(
-        prep.train.tokenize(tok), held.tokenize(tok) if held is not None else None,
+        prep.train.tokenize(tok, targets=targets),
+        held.tokenize(tok, targets=targets) if held is not None else None,
         max_tokens=o.max_tokens, seed=cfg.trainer.seed, num_workers=cfg.data.num_workers,
         val_max_cells=cfg.data.held_out_max_cells)
     trainer = build_trainer(cfg, out_dir, validate=held is not None, callbacks=callbacks)
@@ -169,17 +176,16 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
     metrics: dict[str, Any] = {}
     baseline = batches = None
     if held is not None and rank_zero_only.rank == 0:
-        baseline = fit_baseline(cfg, prep.train, tok, model.config)
-        batches = held_out_batches(held, cfg, tok)
+        baseline = fit_baseline(cfg, prep.train, tok, model.config, targets)
+        batches = held_out_batches(held, cfg, tok, targets)
         with _eval_context(trainer):
             step0 = evaluate(model.to(trainer.strategy.root_device), batches,
-                             module.eval_collator, baseline=baseline)
-        metrics.update(loss_step0=step0["loss"], baseline=step0["baseline"],
-                       held_out_cells=step0["n_cells"], held_out_masked_tokens=step0["n_tokens"])
-        if "mvc" in step0:
-            metrics["mvc_step0"] = step0["mvc"]
-        logg.info(f"held-out masked loss at step 0: {step0['loss']:.4f} (frequency baseline "
-                  f"{step0['baseline']:.4f})")
+                             module.eval_collator, baseline=baseline, objectives=objectives)
+        metrics.update(held_out_metrics(step0, "step0"))
+        metrics["held_out_cells"] = step0["n_cells"]
+        if "n_tokens" in step0:
+            metrics["held_out_masked_tokens"] = step0["n_tokens"]
+        logg.info(f"held-out losses at step 0: {_losses(step0)}")
     resume = cfg.trainer.resume
     with warnings.catch_warnings():
         if resume is not None:  # resuming into the run's folder: it has checkpoints, sure
@@ -190,23 +196,22 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
     state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP
     if not trainer.is_global_zero:
         return module.model, {}
-    final = build_model(cfg, prep.vocab, tok)
+    final = build_model(cfg, prep.vocab, tok, prep.panel)
     final.load_state_dict({k.removeprefix("model."): v for k, v in state.items()
                            if k.startswith("model.")})
     final.eval()
     if batches is not None:
         with _eval_context(trainer):
             end = evaluate(final.to(trainer.strategy.root_device), batches,
-                           module.eval_collator, baseline=baseline)
-        metrics["loss_end"] = end["loss"]
-        if "mvc" in end:
-            metrics["mvc_end"] = end["mvc"]
-        logg.info(f"held-out masked loss after {trainer.global_step} steps: {end['loss']:.4f} "
-                  f"(step 0: {metrics['loss_step0']:.4f}, baseline {metrics['baseline']:.4f})")
+                           module.eval_collator, baseline=baseline, objectives=objectives)
+        metrics.update(held_out_metrics(end, "end"))
+        logg.info(f"held-out losses after {trainer.global_step} steps: {_losses(end)} "
+                  f"(step 0: {_losses(step0)})")
     final = final.cpu()
     final.save_pretrained(out_dir / "model", tokenizer=tok)
     metrics = {"preset": cfg.model.preset, "size": cfg.model.size,
                "objective": final.config.objective,
+               "objectives": {k: v for k, v in dataclasses.asdict(objectives).items()},
                "loss_kind": "cross-entropy" if final.config.objective in ("mlm", "bin")
                else "mean squared error", **metrics,
                "baseline_kind": baseline.kind if baseline is not None else None,
@@ -217,6 +222,22 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
     (out_dir / METRICS).write_text(json.dumps(metrics, indent=1, default=str))
     logg.info(f"saved the model to {out_dir / 'model'} and the metrics to {out_dir / METRICS}")
     return final, metrics
+
+
+def held_out_metrics(result: dict[str, float], when: str) -> dict[str, float]:
+    """``evaluate``'s losses as metrics: ``loss_step0``, ``reconstruction_end``, ...; the
+    baselines (the same at every step) without a suffix."""
+    out = {f"{k}_{when}": result[k] for k in ("loss", "mvc", "reconstruction", "contrastive")
+           if k in result}
+    out.update({k: result[k] for k in ("baseline", "reconstruction_baseline") if k in result})
+    return out
+
+
+def _losses(result: dict[str, float]) -> str:
+    names = {"loss": "token", "mvc": "mvc", "reconstruction": "reconstruction",
+             "contrastive": "contrastive", "baseline": "token baseline",
+             "reconstruction_baseline": "reconstruction baseline"}
+    return ", ".join(f"{v} {result[k]:.4f}" for k, v in names.items() if k in result)
 
 
 def _eval_context(trainer: L.Trainer):
