@@ -46,8 +46,19 @@ def tied_names(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-def save_pretrained(model: CellModel, directory: str | Path, *, tokenizer: Any = None) -> None:
+#: Dtypes the weights can be stored in (floating tensors; others keep theirs).
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16,
+                  "bfloat16": torch.bfloat16}
+
+
+def save_pretrained(model: CellModel, directory: str | Path, *, tokenizer: Any = None,
+                    dtype: str | torch.dtype | None = None) -> None:
     directory = Path(directory)
+    names = {v: k for k, v in STORAGE_DTYPES.items()}
+    if dtype is not None and (STORAGE_DTYPES.get(dtype) or dtype) not in names:
+        msg = f"dtype must be one of {list(STORAGE_DTYPES)}, not {dtype!r}."
+        raise ValueError(msg)
+    store = None if dtype is None else STORAGE_DTYPES.get(dtype, dtype)
     tokenizer = tokenizer if tokenizer is not None else model.tokenizer
     if tokenizer is not None:
         model.check_tokenizer(tokenizer)
@@ -60,6 +71,8 @@ def save_pretrained(model: CellModel, directory: str | Path, *, tokenizer: Any =
     skip = tied_names(model)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                if k not in skip}
+    if store is not None:  # compact storage; load_pretrained casts back to float32
+        tensors = {k: v.to(store) if v.is_floating_point() else v for k, v in tensors.items()}
     save_file(tensors, directory / WEIGHTS,
               metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     vocab.save(directory / VOCAB)
@@ -71,6 +84,7 @@ def save_pretrained(model: CellModel, directory: str | Path, *, tokenizer: Any =
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "sclcm_version": __version__,
             "config": model.config.to_dict(),
             "tokenizer": TOKENIZER if tokenizer is not None else None,
+            "weights_dtype": names[store] if store is not None else None,
             "sha256": {f: _sha256(directory / f) for f in files}}
     (directory / CONFIG).write_text(json.dumps(meta, indent=2))
 
@@ -116,6 +130,8 @@ def load_pretrained(cls: type[CellModel], directory: str | Path, *,
     except SafetensorError as e:
         msg = f"{directory / WEIGHTS} is not a readable safetensors file: {e}"
         raise ValueError(msg) from None
+    if meta.get("weights_dtype") not in (None, "float32"):  # stored compactly: compute in fp32
+        tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     with torch.device("meta"):  # no time spent on a random init that is overwritten
         model = cls(config, vocab=vocab)
     load_state(model, tensors, source=str(directory / WEIGHTS))

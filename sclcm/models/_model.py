@@ -421,12 +421,16 @@ class CellModel(nn.Module):
         d = self.config.d_model
         return torch.cat(chunks).numpy() if chunks else np.zeros((0, d), np.float32)
 
-    def save_pretrained(self, directory: str | Path, *, tokenizer: Any = None) -> None:
+    def save_pretrained(self, directory: str | Path, *, tokenizer: Any = None,
+                        dtype: str | torch.dtype | None = None) -> None:
         """Write ``config.json``, ``model.safetensors``, ``vocab.json`` and the tokenizer
-        (``tokenizer/``; ``tokenizer`` or the attached one) to ``directory``; no pickle."""
+        (``tokenizer/``; ``tokenizer`` or the attached one) to ``directory``; no pickle.
+
+        ``dtype`` (``"float16"``, ``"bfloat16"``) stores the floating weights compactly
+        (half the bytes); :meth:`from_pretrained` casts them back to float32."""
         from ._io import save_pretrained
 
-        save_pretrained(self, directory, tokenizer=tokenizer)
+        save_pretrained(self, directory, tokenizer=tokenizer, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None,

@@ -4,7 +4,11 @@ A token objective (masked gene identity, bins or values) trains each token's sta
 in it asks the pooled cell embedding to keep what separates cells. Two objectives do:
 
 - **reconstruction** (a bottleneck): a linear head reads the cell embedding alone and
-  predicts the cell's expression over a fixed panel of genes, zeros included. The panel is
+  predicts the cell's expression over a fixed panel of genes, zeros included. Its bias
+  starts at the training cells' mean target: from a zero bias, the fastest way down the
+  loss is to make the embedding constant across cells and use its common part as the
+  bias (measured: the embedding's spread over cells fell to 5e-5 and the loss stalled at
+  the mean-panel baseline), which a trained mean removes. The panel is
   the ``panel_size`` most variable genes of the training cells (Seurat's rule: dispersion
   of counts per 10,000, z-scored within 20 bins of mean expression, among genes detected
   in ``vocab.min_cells`` cells). Target: ``log1p(10,000 * counts / total counts)``, the
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from ..data import CellBlock
-    from ..tokenizers import Tokenizer, TokenBatch
+    from ..tokenizers import TokenBatch, Tokenizer
 
 #: Counts per cell the reconstruction target is normalized to.
 TARGET_SUM = 1e4
@@ -39,12 +43,13 @@ N_DISPERSION_BINS = 20
 
 # --- the panel ----------------------------------------------------------------------
 class ExpressionMoments:
-    """Running sums of counts per 10,000 (and their squares) per token id, over the cells
-    whose dataset measures the gene (``n``: their number per token)."""
+    """Running sums of counts per 10,000 (their squares, their log1p) per token id, over the
+    cells whose dataset measures the gene (``n``: their number per token)."""
 
     def __init__(self, n_tokens: int) -> None:
         self.sum = np.zeros(n_tokens)
         self.sum_sq = np.zeros(n_tokens)
+        self.log1p_sum = np.zeros(n_tokens)
         self.n = np.zeros(n_tokens)
         self.n_cells = 0
 
@@ -63,8 +68,14 @@ class ExpressionMoments:
         x *= TARGET_SUM / np.maximum(total[key // len(self.sum)], 1.0)
         np.add.at(self.sum, key % len(self.sum), x)
         np.add.at(self.sum_sq, key % len(self.sum), x * x)
+        np.add.at(self.log1p_sum, key % len(self.sum), np.log1p(x))
         self.n[np.unique(token_ids[token_ids >= 0])] += X.shape[0]
         self.n_cells += X.shape[0]
+
+
+    def log1p_mean(self, tokens: np.ndarray) -> np.ndarray:
+        """Mean reconstruction target of each token over the cells that measure it."""
+        return self.log1p_sum[tokens] / np.maximum(self.n[tokens], 1)
 
 
 def choose_panel(moments: ExpressionMoments, candidates: np.ndarray, size: int) -> np.ndarray:
@@ -101,7 +112,7 @@ class PanelTargets:
     """The reconstruction target of each tokenized cell, from its block's raw counts.
 
     Adds ``extras["panel"]``: ``n_cells x len(panel)`` float32, ``log1p(1e4 * counts /
-    total)``, NaN for panel genes the block's dataset does not measure.
+    total)``, NaN for panel genes the cell's dataset does not measure.
 
     Parameters
     ----------
@@ -109,11 +120,17 @@ class PanelTargets:
         Token ids of the panel genes (``ModelConfig.recon_panel``).
     tokenizer
         The tokenizer whose column map places the block's genes in the vocabulary.
+    stream
+        The stream the blocks come from. An :class:`~sclcm.data.AnnDataStream` over
+        several files puts their cells in the union of their genes; it tells which genes
+        each cell's file measures. Without it (or for a Census, whose datasets share one
+        gene space), every gene of the block counts as measured.
     """
 
-    def __init__(self, panel: np.ndarray, tokenizer: Tokenizer) -> None:
+    def __init__(self, panel: np.ndarray, tokenizer: Tokenizer, stream=None) -> None:
         self.panel = np.asarray(panel, dtype=np.int64)
         self.tokenizer = tokenizer
+        self.stream = stream
         vocab_size = len(tokenizer.vocab)
         self._pos = np.full(vocab_size, -1, dtype=np.int64)
         self._pos[self.panel] = np.arange(len(self.panel))
@@ -133,11 +150,27 @@ class PanelTargets:
         hit = pos >= 0
         np.add.at(target, (r[hit], pos[hit]), X.data[hit])  # duplicates add up
         target = np.log1p(target * (TARGET_SUM / np.maximum(total, 1.0))[:, None])
-        measured = np.zeros(len(self.panel), dtype=bool)
-        measured[col_pos[col_pos >= 0]] = True
-        target[:, ~measured] = np.nan
+        target[~self._measured(col_pos, batch.cell_index)] = np.nan
         return dataclasses.replace(batch, extras={**batch.extras,
                                                   "panel": target.astype(np.float32)})
+
+
+    def _measured(self, col_pos: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
+        """``n_cells x len(panel)``: whether each cell's source measures each panel gene."""
+        sources = getattr(self.stream, "sources", None)
+        offsets = getattr(self.stream, "offsets", None)
+        if sources is None or offsets is None:
+            cols = [np.arange(len(col_pos))]
+            which = np.zeros(len(cell_ids), dtype=np.int64)
+        else:
+            cols = [np.arange(len(col_pos)) if getattr(s, "columns", None) is None
+                    else s.columns for s in sources]
+            which = np.searchsorted(offsets, cell_ids, side="right") - 1
+        masks = np.zeros((len(cols), len(self.panel)), dtype=bool)
+        for i, c in enumerate(cols):
+            pos = col_pos[c]
+            masks[i, pos[pos >= 0]] = True
+        return masks[which]
 
 
 # --- views --------------------------------------------------------------------------

@@ -40,11 +40,13 @@ class Prepared:
     tokenizer: Tokenizer
     summary: dict[str, Any]
     panel: np.ndarray | None = None  # token ids of the reconstruction panel
+    panel_mean: np.ndarray | None = None  # their mean target over the training cells
 
-    @property
-    def targets(self) -> PanelTargets | None:
-        """What adds the reconstruction target to each tokenized block (None without one)."""
-        return None if self.panel is None else PanelTargets(self.panel, self.tokenizer)
+    def targets(self, stream: CellStream | None) -> PanelTargets | None:
+        """What adds the reconstruction target to each tokenized block of ``stream`` (None
+        without a reconstruction objective)."""
+        return None if self.panel is None or stream is None else \
+            PanelTargets(self.panel, self.tokenizer, stream)
 
 
 # --- streams --------------------------------------------------------------------------
@@ -169,10 +171,11 @@ def gene_statistics(cfg: PretrainConfig, train: CellStream, reference: GeneVocab
 
 
 def build_vocab_and_tokenizer(cfg: PretrainConfig, train: CellStream
-                              ) -> tuple[GeneVocab, Tokenizer, dict[str, Any], np.ndarray | None]:
+                              ) -> tuple[GeneVocab, Tokenizer, dict[str, Any],
+                                         np.ndarray | None, np.ndarray | None]:
     """The vocabulary (restricted to the training genes, or scBERT's panel), the
-    tokenizer of ``cfg.family`` over it, fitted on the training cells, and the token ids
-    of the reconstruction panel (None without that objective)."""
+    tokenizer of ``cfg.family`` over it, fitted on the training cells, the token ids of the
+    reconstruction panel and their mean target (None without that objective)."""
     from ..tokenizers import (
         GeneformerTokenizer,
         ScBERTTokenizer,
@@ -214,17 +217,18 @@ def build_vocab_and_tokenizer(cfg: PretrainConfig, train: CellStream
               f"genes in the vocabulary; {tokenizer!r}", time=start)
     summary = {"stats_cells": n_cells, "reference_genes": reference.n_genes,
                "vocab_genes": vocab.n_genes}
-    panel = None
+    panel = panel_mean = None
     if moments is not None:
         # reference token id -> vocabulary token id of the kept genes
         kept = n_special + np.flatnonzero(keep)
         chosen = choose_panel(moments, kept, cfg.objectives.panel_size)
         panel = (n_special + np.searchsorted(kept, chosen)).astype(np.int64)
+        panel_mean = moments.log1p_mean(chosen)
         summary.update(panel_size=len(panel), panel_rule=(
             f"the {cfg.objectives.panel_size} most variable vocabulary genes of {n_cells:,} "
             "training cells (Seurat dispersion of counts per 10,000, 20 mean bins)"))
         logg.info(f"    reconstruction panel: {len(panel):,} highly variable genes")
-    return vocab, tokenizer, summary, panel
+    return vocab, tokenizer, summary, panel, panel_mean
 
 
 def fit_baseline(cfg: PretrainConfig, train: CellStream, tokenizer: Tokenizer,
@@ -241,5 +245,5 @@ def fit_baseline(cfg: PretrainConfig, train: CellStream, tokenizer: Tokenizer,
 def prepare(cfg: PretrainConfig) -> Prepared:
     """Streams, vocabulary, fitted tokenizer and reconstruction panel of a run."""
     train, held = build_streams(cfg)
-    vocab, tokenizer, summary, panel = build_vocab_and_tokenizer(cfg, train)
-    return Prepared(train, held, vocab, tokenizer, summary, panel)
+    vocab, tokenizer, summary, panel, panel_mean = build_vocab_and_tokenizer(cfg, train)
+    return Prepared(train, held, vocab, tokenizer, summary, panel, panel_mean)

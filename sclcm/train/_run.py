@@ -88,9 +88,11 @@ def build_trainer(cfg: PretrainConfig, out_dir: Path, *, validate: bool,
         default_root_dir=out_dir, **val)
 
 
-def build_model(cfg: PretrainConfig, vocab, tokenizer, panel=None) -> CellModel:
+def build_model(cfg: PretrainConfig, vocab, tokenizer, panel=None, panel_mean=None
+                ) -> CellModel:
     """``ModelConfig.preset(model.preset, model.size, vocab=vocab, **model.overrides)``,
-    with a reconstruction head over ``panel`` (token ids) when given."""
+    with a reconstruction head over ``panel`` (token ids) when given, its bias set to
+    ``panel_mean`` (see :mod:`sclcm.train._cell_objectives`)."""
     from ..models import CellModel, ModelConfig
 
     overrides = dict(cfg.model.overrides)
@@ -109,7 +111,11 @@ def build_model(cfg: PretrainConfig, vocab, tokenizer, panel=None) -> CellModel:
         overrides.setdefault("n_bins", tokenizer.max_level + 1)
     config = ModelConfig.preset(cfg.model.preset, cfg.model.size, vocab=vocab, **overrides)
     torch.manual_seed(cfg.trainer.seed)
-    return CellModel(config, vocab=vocab, tokenizer=tokenizer)
+    model = CellModel(config, vocab=vocab, tokenizer=tokenizer)
+    if panel_mean is not None:
+        with torch.no_grad():
+            model.recon_head.bias.copy_(torch.as_tensor(panel_mean))
+    return model
 
 
 def held_out_batches(held: Any, cfg: PretrainConfig, tokenizer, targets=None) -> list:
@@ -156,8 +162,8 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
     out_dir = Path(expand(cfg.out_dir, key="out_dir"))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     prep = prepare(cfg)
-    model = build_model(cfg, prep.vocab, prep.tokenizer, prep.panel)
-    o, objectives, targets = cfg.optim, cfg.objectives, prep.targets
+    model = build_model(cfg, prep.vocab, prep.tokenizer, prep.panel, prep.panel_mean)
+    o, objectives = cfg.optim, cfg.objectives
     module = PretrainModule(model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
                             warmup_steps=o.warmup_steps, max_steps=o.max_steps,
                             min_lr_ratio=o.min_lr_ratio, mask_prob=o.mask_prob,
@@ -166,8 +172,8 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
                             throughput_window=cfg.trainer.log_every)
     tok, held = prep.tokenizer, prep.held_out
     data = PretrainDataModule(
-        prep.train.tokenize(tok, targets=targets),
-        held.tokenize(tok, targets=targets) if held is not None else None,
+        prep.train.tokenize(tok, targets=prep.targets(prep.train)),
+        held.tokenize(tok, targets=prep.targets(held)) if held is not None else None,
         max_tokens=o.max_tokens, seed=cfg.trainer.seed, num_workers=cfg.data.num_workers,
         val_max_cells=cfg.data.held_out_max_cells)
     trainer = build_trainer(cfg, out_dir, validate=held is not None, callbacks=callbacks)
@@ -176,8 +182,8 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
     metrics: dict[str, Any] = {}
     baseline = batches = None
     if held is not None and rank_zero_only.rank == 0:
-        baseline = fit_baseline(cfg, prep.train, tok, model.config, targets)
-        batches = held_out_batches(held, cfg, tok, targets)
+        baseline = fit_baseline(cfg, prep.train, tok, model.config, prep.targets(prep.train))
+        batches = held_out_batches(held, cfg, tok, prep.targets(held))
         with _eval_context(trainer):
             step0 = evaluate(model.to(trainer.strategy.root_device), batches,
                              module.eval_collator, baseline=baseline, objectives=objectives)
