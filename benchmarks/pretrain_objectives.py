@@ -74,7 +74,7 @@ def config(arm: str, args: argparse.Namespace, out_dir: Path) -> dict:
         "data": {"h5ad": [str(args.data / f) for f in CORPORA[args.corpus]],
                  "held_out_fraction": 0.05, "block_size": 512},
         "tokenizer": {"options": {"max_len": 256}},
-        "vocab": {"species": "human", "min_cells": 10},
+        "vocab": {"species": "human", "min_cells": 10, "restrict_to_data": not args.full_vocab},
         "model": {"preset": "geneformer", "size": "small",
                   "overrides": {**SHAPE, **overrides}},
         "optim": {"lr": 1e-3, "weight_decay": 0.01, "warmup_steps": min(100, args.steps // 3),
@@ -119,6 +119,7 @@ def score(model, args: argparse.Namespace) -> list[dict]:
 def arm_name(arm: str, args: argparse.Namespace) -> str:
     """The arm's file name: the arm, and the corpus unless it is the default."""
     name = arm if args.corpus == "pbmc3k" else f"{arm} @ {args.corpus}"
+    name += ", full vocab" if args.full_vocab else ""
     return name.replace(" ", "_")
 
 
@@ -149,7 +150,7 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     train_s = time.perf_counter() - start
     rows = score(model.eval(), args)
     result = {"arm": arm, "steps": 0 if arm == "random" else args.steps,
-              "corpus": args.corpus, "train_s": round(train_s, 1),
+              "corpus": args.corpus + (", full vocab" if args.full_vocab else ""), "train_s": round(train_s, 1),
               "objectives": ARMS[arm][0], "overrides": ARMS[arm][1],
               "held_out": {k: v for k, v in metrics.items()
                            if k.endswith(("_step0", "_end", "baseline"))},
@@ -193,6 +194,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--corpus", choices=list(CORPORA), default="pbmc3k")
+    parser.add_argument("--full-vocab", action="store_true",
+                        help="keep every reference gene in the vocabulary (default: genes "
+                             "detected in >= 10 training cells)")
     parser.add_argument("--kang-cells", type=int, default=3000)
     parser.add_argument("--layers", type=int, nargs="*", default=[],
                         help="inner layers to read as well (0 = embeddings)")

@@ -336,6 +336,11 @@ def test_default_model_loads_offline():
     assert adata.uns["sclcm"]["model"] == sclcm.tl.DEFAULT_MODEL
 
 
+def test_retired_shipped_name_names_its_replacement():
+    with pytest.raises(ValueError, match=f"replaced by '{sclcm.tl.DEFAULT_MODEL}'"):
+        sclcm.tl.get_model("sclcm-pbmc-small")
+
+
 def test_bf16_embeddings_agree_with_float32():
     if not sclcm.tl.shipped_models():
         pytest.skip("no model is shipped yet (sclcm/models/pretrained/ is empty)")

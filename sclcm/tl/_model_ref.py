@@ -13,7 +13,9 @@ if TYPE_CHECKING:
 #: Models shipped inside the package, under ``sclcm/models/pretrained/<name>/``.
 PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "models" / "pretrained"
 #: The model a tool uses when given none.
-DEFAULT_MODEL = "sclcm-pbmc-small"
+DEFAULT_MODEL = "sclcm-small"
+#: Shipped models no longer shipped, and the one that replaced each.
+RETIRED = {"sclcm-pbmc-small": "sclcm-small"}
 
 
 def shipped_models() -> list[str]:
@@ -64,6 +66,11 @@ def _model_path(model: str | Path) -> Path:
     if isinstance(model, str) and (PRETRAINED_DIR / model / "config.json").is_file():
         return PRETRAINED_DIR / model
     shipped = ", ".join(map(repr, shipped_models())) or "none"
+    if isinstance(model, str) and model in RETIRED:
+        msg = (f"The shipped model {model!r} was replaced by {RETIRED[model]!r} (trained with "
+               "a cell-level objective: its embeddings separate cell types far better); use "
+               f"model={RETIRED[model]!r} or model=None.")
+        raise ValueError(msg)
     msg = (f"{str(model)!r} is neither a model directory (with config.json) nor a shipped "
            f"model (shipped: {shipped}).")
     raise ValueError(msg)
