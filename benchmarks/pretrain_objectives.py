@@ -150,7 +150,8 @@ def run_arm(arm: str, args: argparse.Namespace) -> dict:
     train_s = time.perf_counter() - start
     rows = score(model.eval(), args)
     result = {"arm": arm, "steps": 0 if arm == "random" else args.steps,
-              "corpus": args.corpus + (", full vocab" if args.full_vocab else ""), "train_s": round(train_s, 1),
+              "corpus": args.corpus + (", full vocab" if args.full_vocab else ""),
+              "train_s": round(train_s, 1),
               "objectives": ARMS[arm][0], "overrides": ARMS[arm][1],
               "held_out": {k: v for k, v in metrics.items()
                            if k.endswith(("_step0", "_end", "baseline"))},

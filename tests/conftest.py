@@ -48,6 +48,19 @@ def load():
     return lambda name: _load(name).copy()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny models: they gain nothing from a second, and
+    on a busy machine OpenMP's spinning threads made two threads ~10x slower (measured).
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_settings():
     old = (sclcm.settings.verbosity, sclcm.settings.progress, sclcm.settings.device)

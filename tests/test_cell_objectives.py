@@ -29,13 +29,7 @@ from sclcm.train import (
 )
 from sclcm.train._cell_objectives import ExpressionMoments, choose_panel, gene_subset_views
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- the losses, against their definitions ----------------------------------------------

@@ -32,14 +32,7 @@ MODES = ["delete", "overexpress", "inhibit", "activate"]
 N_CELLS, MAX_LEN = 30, 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine each op of a
-    two-thread forward waits for the other core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- helpers -------------------------------------------------------------------------------

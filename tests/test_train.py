@@ -26,15 +26,7 @@ from sclcm.train import (
     split_further,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a busy machine OpenMP's
-    # spinning threads made two threads ~10x slower than one (measured).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(out, preset: str, **over) -> dict:

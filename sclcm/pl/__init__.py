@@ -2,5 +2,6 @@
 
 from ._genes import gene_coverage
 from ._perturb import perturbation
+from ._train import pretraining
 
-__all__ = ["gene_coverage", "perturbation"]
+__all__ = ["gene_coverage", "perturbation", "pretraining"]
