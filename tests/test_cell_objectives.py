@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -275,3 +276,25 @@ def test_reconstruction_head_starts_at_the_training_mean():
     panel = np.concatenate([b.extras["panel"] for b in batches])
     np.testing.assert_allclose(model.recon_head.bias.detach().numpy(), panel.mean(0),
                                rtol=1e-4, atol=1e-5)
+
+
+#: float32 embeddings of 40 Kang ctrl cells (rows 0, 200, ...) by the shipped default model
+#: before its weights were stored in float16 (written when the model was shipped).
+FLOAT32_REFERENCE = Path(__file__).with_name("data") / "default_model_float32_embeddings.npy"
+
+
+def test_shipped_fp16_weights_embed_like_their_float32_originals():
+    import sclcm
+    from sclcm.tl import get_model
+
+    model = get_model(None, device="cpu")
+    meta = json.loads((sclcm.tl._model_ref.PRETRAINED_DIR / sclcm.tl.DEFAULT_MODEL
+                       / "config.json").read_text())
+    assert meta["weights_dtype"] == "float16"
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # cast back on load
+    cells = _load(KANG_CTRL)[::200][:40].copy()
+    got = model.embed(sclcm.pp.tokenize(cells, model.tokenizer))
+    want = np.load(FLOAT32_REFERENCE)
+    # fp16 rounds each weight by at most 2^-11 of itself; through 4 blocks the embeddings
+    # moved by < 1e-3 of their largest entry when shipped (measured 2e-4)
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()

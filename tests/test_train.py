@@ -13,6 +13,7 @@ import torch
 import yaml
 from conftest import DATA, PBMC3K, _load, data_path
 
+import sclcm
 from sclcm.models import CellModel
 from sclcm.tokenizers import TokenBatch
 from sclcm.train import (
@@ -197,6 +198,13 @@ def test_killed_run_resumes_exactly(tmp_path_factory):
 
     with pytest.raises(Killed):
         pretrain(cfg(tmp / "killed"), callbacks=[Kill(epoch_end + 5)])
+    # the killed run's checkpoints load into a model that embeds (its tokenizer attached)
+    from sclcm.train import model_from_checkpoint
+
+    killed = model_from_checkpoint(str(tmp / "killed" / "checkpoints" / "last.ckpt"))
+    assert killed.tokenizer is not None
+    assert sclcm.tl.embed(_load(PBMC3K)[:5].copy(), killed, copy=True).obsm["X_sclcm"].shape \
+        == (5, killed.config.d_model)
     # resume mid-epoch 1, and from the end of epoch 0
     for step, in_epoch in ((epoch_end + 2, 2), (epoch_end, epoch_end)):
         ckpt = tmp / "killed" / "checkpoints" / f"step-{step:07d}.ckpt"

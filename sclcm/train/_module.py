@@ -173,10 +173,12 @@ class PretrainModule(L.LightningModule):
 
     def validation_step(self, batch: MicroBatch, batch_idx: int) -> None:
         loss, terms = self.masked_loss(batch, batch_idx, collator=self.eval_collator)
-        opts = dict(batch_size=batch.n_cells, sync_dist=True, on_step=False, on_epoch=True)
-        self.log("val/loss", loss, prog_bar=True, **opts)
+        opts = dict(sync_dist=True, on_step=False, on_epoch=True)
+        self.log("val/loss", loss, prog_bar=True, batch_size=batch.n_cells, **opts)
         for k, (total, count) in terms.items():
-            self.log(f"val/{k}", total / max(count, 1.0), **opts)
+            # weighted by what the term sums over: the epoch's value is the pooled mean, as
+            # evaluate() and metrics.json report it
+            self.log(f"val/{k}", total / max(count, 1.0), batch_size=max(int(count), 1), **opts)
 
     # --- optimizer -----------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -212,9 +214,14 @@ class PretrainModule(L.LightningModule):
 
 def model_from_checkpoint(path: str, *, map_location: str | torch.device = "cpu") -> CellModel:
     """The :class:`~sclcm.models.CellModel` of a pretraining checkpoint (``.ckpt``), e.g. to
-    ``save_pretrained`` an intermediate step."""
+    ``save_pretrained`` an intermediate step or embed with it; the run's tokenizer (written
+    to ``out_dir/tokenizer`` when the run starts) is attached when it is found beside the
+    ``checkpoints`` folder."""
+    from pathlib import Path
+
     from ..genes import GeneVocab
     from ..models import CellModel, ModelConfig
+    from ..tokenizers import load_tokenizer
 
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     if "sclcm" not in ckpt:
@@ -226,4 +233,7 @@ def model_from_checkpoint(path: str, *, map_location: str | torch.device = "cpu"
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
              if k.startswith("model.")}
     model.load_state_dict(state)
+    run_tokenizer = Path(path).resolve().parent.parent / "tokenizer"
+    if (run_tokenizer / "tokenizer.json").is_file():
+        model.attach_tokenizer(load_tokenizer(run_tokenizer))
     return model

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from ._config import PretrainConfig, TrainerConfig
 
 METRICS = "metrics.json"
+#: The fitted tokenizer, written when a run starts (see ``model_from_checkpoint``).
+RUN_TOKENIZER = "tokenizer"
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -147,7 +149,8 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
     ``out_dir/metrics.json`` (rank 0): held-out masked loss at step 0 and at the end
     (``loss_step0``, ``loss_end``) and of the frequency baseline (``baseline``), ...
 
-    Writes ``out_dir/model`` (:meth:`~sclcm.models.CellModel.save_pretrained`, with the
+    Writes ``out_dir/tokenizer`` (the fitted tokenizer, before training starts),
+    ``out_dir/model`` (:meth:`~sclcm.models.CellModel.save_pretrained`, with the
     tokenizer), ``out_dir/checkpoints`` (``last.ckpt`` and one per ``checkpoint_every``
     steps: model, optimizer, schedule and data position), ``out_dir/logs`` (CSV) and
     ``out_dir/metrics.json``.
@@ -177,6 +180,8 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
         max_tokens=o.max_tokens, seed=cfg.trainer.seed, num_workers=cfg.data.num_workers,
         val_max_cells=cfg.data.held_out_max_cells)
     trainer = build_trainer(cfg, out_dir, validate=held is not None, callbacks=callbacks)
+    if rank_zero_only.rank == 0:  # so that any checkpoint of the run loads into a usable model
+        tok.save(out_dir / RUN_TOKENIZER)
     # rank 0 scores the held-out cells before training; with Lightning's launcher the
     # other ranks start inside fit(), so the rank comes from the environment here
     metrics: dict[str, Any] = {}
