@@ -365,7 +365,7 @@ def test_default_model_separates_held_out_cell_types(load):
     rand = knn_accuracy(sclcm.tl.embed(adata, random, device="cpu", copy=True)
                         .obsm["X_sclcm"], labels)
     print(f"15-NN accuracy: shipped {ours:.3f}, HVG + PCA {pca:.3f}, random {rand:.3f}")
-    assert ours >= pca - KNN_MARGIN
+    assert ours >= pca - 0.02
     assert ours > rand + 0.1
 
 
