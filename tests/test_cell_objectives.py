@@ -148,7 +148,7 @@ def test_duplicate_entries_add_up_in_targets_and_moments():
     assert dup.nnz == 2 * X.nnz
     block = next(iter(AnnDataStream([sub], block_size=5, shuffle=False)))
     cmap = block.column_map(tok)
-    col_tok = np.where(cmap.slot >= 0, cmap.token_ids[np.maximum(cmap.slot, 0)], -1)
+    col_tok = cmap.column_token_ids
     a, b = ExpressionMoments(len(tok.vocab)), ExpressionMoments(len(tok.vocab))
     a.add(sub.X, col_tok)
     b.add(dup, col_tok)
@@ -166,7 +166,7 @@ def test_panel_is_seurat_most_variable_genes_on_kang():
     tok = GeneformerTokenizer(vocab, max_len=64).fit(kang)
     block = next(iter(AnnDataStream([kang], block_size=2000, shuffle=False)))
     cmap = block.column_map(tok)
-    col_tok = np.where(cmap.slot >= 0, cmap.token_ids[np.maximum(cmap.slot, 0)], -1)
+    col_tok = cmap.column_token_ids
     m = ExpressionMoments(len(vocab))
     m.add(block.X, col_tok)
     panel = choose_panel(m, np.unique(col_tok[col_tok >= 0]), 300)

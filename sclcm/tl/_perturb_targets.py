@@ -104,7 +104,7 @@ def resolve_genes(genes: list[str], adata: AnnData, cells: CellTokens, *,
                   combine: bool) -> Targets:
     """Token of each listed gene: by ``var_names``, else as a vocabulary gene ID."""
     cmap, tok = cells.column_map, cells.tokenizer
-    col_token = np.where(cmap.slot >= 0, cmap.token_ids[np.maximum(cmap.slot, 0)], -1)
+    col_token = cmap.column_token_ids
     by_id = pd.Index(cells.report.ensembl_id.astype(str))
     names, ids, missing, no_token = [], [], [], []
     for g in genes:

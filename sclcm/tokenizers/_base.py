@@ -59,6 +59,11 @@ class ColumnMap:
         return len(self.token_ids)
 
     @cached_property
+    def column_token_ids(self) -> np.ndarray:
+        """Per input column: its token id, or -1 where the column has no token."""
+        return np.where(self.slot >= 0, self.token_ids[np.maximum(self.slot, 0)], -1)
+
+    @cached_property
     def duplicated_slot(self) -> np.ndarray:
         """Per slot: whether several columns map to it."""
         return np.bincount(self.slot[self.slot >= 0], minlength=self.n_slots) > 1

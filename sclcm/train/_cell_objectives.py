@@ -4,16 +4,16 @@ A token objective (masked gene identity, bins or values) trains each token's sta
 in it asks the pooled cell embedding to keep what separates cells. Two objectives do:
 
 - **reconstruction** (a bottleneck): a linear head reads the cell embedding alone and
-  predicts the cell's expression over a fixed panel of genes, zeros included. Its bias
-  starts at the training cells' mean target: from a zero bias, the fastest way down the
-  loss is to make the embedding constant across cells and use its common part as the
-  bias (measured: the embedding's spread over cells fell to 5e-5 and the loss stalled at
-  the mean-panel baseline), which a trained mean removes. The panel is
+  predicts the cell's expression over a fixed panel of genes, zeros included. The panel is
   the ``panel_size`` most variable genes of the training cells (Seurat's rule: dispersion
   of counts per 10,000, z-scored within 20 bins of mean expression, among genes detected
   in ``vocab.min_cells`` cells). Target: ``log1p(10,000 * counts / total counts)``, the
   total over all of the cell's genes; loss: mean squared error over the panel genes the
-  cell's dataset measures (a gene its file lacks is missing, not zero).
+  cell's dataset measures (a gene its file lacks is missing, not zero). The head's bias
+  starts at the training cells' mean target: from a zero bias the fastest way down the
+  loss is to make the embedding constant across cells and use its common part as the bias
+  (measured: the embedding's spread over cells fell to 5e-5 and the loss stalled at the
+  mean-panel baseline).
 - **contrastive**: two random gene subsets of each cell (each gene token kept with
   probability ``view_keep``, special tokens always, at least one gene) are embedded; the
   InfoNCE loss (SimCLR's NT-Xent, cosine similarity over ``temperature``) makes each view
@@ -71,7 +71,6 @@ class ExpressionMoments:
         np.add.at(self.log1p_sum, key % len(self.sum), np.log1p(x))
         self.n[np.unique(token_ids[token_ids >= 0])] += X.shape[0]
         self.n_cells += X.shape[0]
-
 
     def log1p_mean(self, tokens: np.ndarray) -> np.ndarray:
         """Mean reconstruction target of each token over the cells that measure it."""
@@ -139,7 +138,7 @@ class PanelTargets:
         import pandas as pd
 
         cmap = block.column_map(self.tokenizer)
-        col_tok = np.where(cmap.slot >= 0, cmap.token_ids[np.maximum(cmap.slot, 0)], -1)
+        col_tok = cmap.column_token_ids
         col_pos = np.where(col_tok >= 0, self._pos[np.maximum(col_tok, 0)], -1)
         rows = pd.Index(block.cell_ids).get_indexer(batch.cell_index)
         X = block.X[rows].tocsr()

@@ -155,8 +155,7 @@ def gene_statistics(cfg: PretrainConfig, train: CellStream, reference: GeneVocab
             hit = (slots >= 0) & (X.data != 0)
             detected[:] += np.bincount(cmap.token_ids[slots[hit]], minlength=len(reference))
             if moments is not None:
-                moments.add(X, np.where(cmap.slot >= 0,
-                                        cmap.token_ids[np.maximum(cmap.slot, 0)], -1))
+                moments.add(X, cmap.column_token_ids)
             n_cells += block.n_cells
             yield X, cmap
 
