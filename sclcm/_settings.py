@@ -26,7 +26,8 @@ class SclcmSettings:
         scanpy's integers 0..4. Sets the level of the ``"sclcm"`` logger.
     progress
         Show progress bars on long loops (default ``True``; ``SCLCM_PROGRESS=0`` turns
-        them off, as CI does).
+        them off, as CI does). Even on, they are drawn only on a terminal or in a
+        notebook, never into a log file or pipe.
     device
         ``"auto"`` (CUDA when available, else CPU) or any torch device string.
 

@@ -550,7 +550,11 @@ def test_cell_sample_is_seeded():
     ({"goal": {"key": "nope", "start": "a", "goal": "b"}}, sclcm.InputError,
      "not a column"),
     ({"goal": {"key": "state", "start": "a", "goal": "zzz"}}, sclcm.InputError,
-     "goal goal 'zzz' is not a value"),
+     r"^goal\['goal'\] = 'zzz' is not a value of adata.obs\['state'\]"),  # not "goal goal"
+    ({"goal": {"key": "state", "start": "zzz", "goal": "a"}}, sclcm.InputError,
+     r"^goal\['start'\] = 'zzz' is not a value"),
+    ({"goal": {"key": "state", "start": "a", "goal": "a"}}, ValueError,
+     r"^goal\['start'\] and goal\['goal'\] are the same state \('a'\)"),
     ({"goal": {"key": "state"}}, ValueError, "goal must be a dict"),
     ({"layer": "counts"}, sclcm.InputError, "not in adata.layers"),
     ({"precision": "float16"}, ValueError, "precision must be one of"),

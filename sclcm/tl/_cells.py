@@ -88,16 +88,16 @@ class CellTokens:
     def count_coverage(self) -> float:
         return self.counts_in_vocab / self.counts_read if self.counts_read else float("nan")
 
-    def check_values(self, *, max_cells: int = 1_000) -> None:
-        """Raise :class:`~sclcm.InputError` early if the first cells cannot be tokenized.
+    def check_values(self) -> None:
+        """Nothing left to check before reading: :meth:`batches` checks every block as it
+        tokenizes it, so a backed file is read once (kept for its callers)."""
 
-        Checks the first ``max_cells`` cells for NaN/inf and negative values, and, where the
-        tokenizer reads raw counts (``tokenizer.requires_counts``), for non-integer
-        values, naming the first offending cell and gene and why the family needs counts.
-        The tokenizer checks every later block itself.
-        """
+    def _check_block(self, block, first: int) -> None:
+        """Raise :class:`~sclcm.InputError` for NaN/inf or negative values in ``block``
+        (rows ``first`` on), and non-integer ones where the tokenizer reads raw counts
+        (``tokenizer.requires_counts``), naming the first offending cell and gene and why
+        the family needs counts."""
         where = "adata.X" if self.layer is None else f"adata.layers[{self.layer!r}]"
-        _, _, block = next(iter_row_blocks(self.adata, self.layer, block_size=max_cells))
         values = stored_values(block)
         if not np.issubdtype(values.dtype, np.number) or values.size == 0:
             return
@@ -117,26 +117,34 @@ class CellTokens:
                              "adata.raw.to_adata() if it holds counts."))
         for bad, what, fix in problems:
             if bad(values).any():
-                loc = _where(self.adata, block, 0, bad)
+                loc = _where(self.adata, block, first, bad)
                 msg = f"{where} contains {what} (first at {loc}). {fix}"
                 raise InputError(msg)
 
     def batches(self, *, block_size: int = 2048, desc: str | None = None
                 ) -> Iterator[tuple[int, TokenBatch, np.ndarray]]:
-        """Yield ``(first_row, batch, empty)`` per block of rows, with a progress bar.
+        """Yield ``(first_row, batch, empty)`` per block of rows, with a progress bar of cells.
 
         Every cell of the block is in ``batch``, so row ``i`` of the block is cell ``i`` of
         the batch. ``empty`` marks the cells with no count on any gene of the model's
         vocabulary: they keep only their special tokens (scBERT, and scGPT with
         ``include_zero_genes``, give them their panel with all values zero). Memory is
         one block, whatever the number of cells. Adds up :attr:`count_coverage` on the way.
+        Values the tokenizer cannot read raise :class:`~sclcm.InputError` (see
+        :meth:`_check_block`) before their block is yielded.
         """
-        n_blocks = -(-self.adata.n_obs // block_size)
         blocks = iter_row_blocks(self.adata, self.layer, block_size=block_size)
         self.counts_read = self.counts_in_vocab = 0.0
         in_vocab = self.column_map.slot >= 0
-        for first, _, block in progress(blocks, total=n_blocks, desc=desc, unit="block"):
-            batch = self.tokenizer.encode(block, self.column_map, start=first, keep_empty=True)
+        # counted in cells: in blocks, a run of fewer cells than a block sat at 0/1
+        for first, _, block in progress(blocks, total=self.adata.n_obs, desc=desc,
+                                        unit="cells", size=lambda item: item[2].shape[0]):
+            try:
+                batch = self.tokenizer.encode(block, self.column_map, start=first,
+                                              keep_empty=True)
+            except InputError:  # the tokenizer sees every value but names none: name it
+                self._check_block(block, first)
+                raise
             vocab_counts = _vocab_counts(block, in_vocab)
             self.counts_read += float(block.sum(dtype=np.float64))
             self.counts_in_vocab += float(vocab_counts.sum())

@@ -167,8 +167,7 @@ def perturb(adata: AnnData, genes: str | Sequence[str] = "all", *,
     dev = next(net.parameters()).device
     precision = precision_for(precision, dev)
     tok = net.tokenizer
-    cells = CellTokens.prepare(adata, tok, layer=layer)
-    cells.check_values()
+    cells = CellTokens.prepare(adata, tok, layer=layer)  # values: checked as blocks are read
     rng = np.random.default_rng(random_state)
     targets = None if is_all(genes) else resolve_genes(list(genes), adata, cells, combine=combine)
     rows, goal_rows = select_cells(adata, goal, n_cells, rng)

@@ -68,13 +68,15 @@ def check_args(adata: AnnData, genes: Any, *, mode: str, goal: Mapping | None,
             msg = f"goal key {key!r} is not a column of adata.obs ({list(adata.obs)})."
             raise InputError(msg)
         present = set(adata.obs[key].astype(str))
+        # name the entries by their keys in the dict: "goal " + what read "goal goal"
         for what in ("start", "goal"):
             if str(goal[what]) not in present:
-                msg = (f"goal {what} {goal[what]!r} is not a value of adata.obs[{key!r}] "
-                       f"(values: {sorted(present)[:10]}).")
+                msg = (f"goal[{what!r}] = {goal[what]!r} is not a value of "
+                       f"adata.obs[{key!r}] (values: {sorted(present)[:10]}).")
                 raise InputError(msg)
         if str(goal["start"]) == str(goal["goal"]):
-            msg = "goal start and goal are the same state."
+            msg = (f"goal['start'] and goal['goal'] are the same state ({goal['goal']!r}): "
+                   "give the state to move from and the one to move toward.")
             raise ValueError(msg)
 
 
