@@ -187,7 +187,8 @@ def pretrain_command(config: str, out: Path | None, resume: str | None,
     """Run ``sclcm.train.pretrain`` on a config file or shipped preset; print the metrics."""
     import yaml
 
-    from .train import ConfigError, pretrain
+    from ._checks import InputError
+    from .train import pretrain
 
     overrides = {}
     for item in sets:
@@ -202,8 +203,8 @@ def pretrain_command(config: str, out: Path | None, resume: str | None,
         overrides["trainer.resume"] = resume
     try:
         _, metrics = pretrain(config, overrides=overrides)
-    except ConfigError as e:
-        raise SystemExit(f"sclcm pretrain: {e}") from None
+    except InputError as e:  # a config or data error (ConfigError is one): its message is
+        raise SystemExit(f"sclcm pretrain: {e}") from None  # the fix; a traceback is noise
     if metrics:
         shown = {k: v for k, v in metrics.items() if k != "config"}
         print(json.dumps(shown, indent=1, default=str))

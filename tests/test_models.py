@@ -14,7 +14,7 @@ from test_model_data import random_mask, tokens
 
 from sclcm.genes import GeneVocab
 from sclcm.models import CellModel, ModelConfig
-from sclcm.models._io import _sha256
+from sclcm.models._io import _sha256, config_digest
 
 PRESETS = ["geneformer", "scgpt", "scbert", "scfoundation"]
 N_CELLS = 12  # the 4 shortest and 4 longest pbmc3k cells, and 4 others
@@ -72,7 +72,7 @@ def test_config_validation_and_json():
         ModelConfig.preset("scgpt", "tiny", vocab_size=9, n_heads=3)
     with pytest.raises(ValueError, match="needs a <cls> token"):
         ModelConfig.preset("scgpt", "tiny", vocab_size=9, cls_id=-1)
-    with pytest.raises(ValueError, match="newer sclcm"):
+    with pytest.raises(ValueError, match="unknown field 'rotary'"):
         ModelConfig.from_dict({**cfg.to_dict(), "rotary": True})
     with pytest.raises(ValueError, match="vocab_size is not set"):
         CellModel(ModelConfig.preset("scgpt", "tiny"))
@@ -329,8 +329,13 @@ def test_broken_directories_are_refused(saved):
     (saved / "config.json").write_text(json.dumps({**meta, "format": "transformers"}))
     with pytest.raises(ValueError, match="import_geneformer"):
         CellModel.from_pretrained(saved)
-    cfg = {**meta["config"], "n_layers": 3}
-    (saved / "config.json").write_text(json.dumps({**meta, "config": cfg}))
+    edited = {**meta, "config": {**meta["config"], "n_layers": 3}}
+    (saved / "config.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="edited after the model was saved"):
+        CellModel.from_pretrained(saved)
+    # with its hash recorded (a config written by other code), the weights must still fit
+    edited["config_sha256"] = config_digest(edited)
+    (saved / "config.json").write_text(json.dumps(edited))
     with pytest.raises(ValueError, match="missing tensors"):
         CellModel.from_pretrained(saved)
     (saved / "config.json").write_text(json.dumps(meta))

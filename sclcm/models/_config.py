@@ -3,20 +3,66 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import reprlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from functools import cache
+from numbers import Integral, Real
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
+from .._checks import InputError
+
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from ..genes import GeneVocab
 
 Family = Literal["geneformer", "scgpt", "scbert", "scfoundation"]
+FAMILIES = get_args(Family)
 SIZES = ("tiny", "small", "base")
 VALUE_ENCODERS = ("none", "category", "continuous", "autobin")
 OBJECTIVES = ("none", "mlm", "bin", "value", "depth_value")
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 ATTN_IMPLEMENTATIONS = ("auto", "flash", "sdpa", "math")
+#: The fields that take one of a few strings, and those strings.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "tokenizer": FAMILIES, "norm": ("pre", "post"), "activation": ACTIVATIONS,
+    "value_encoder": VALUE_ENCODERS, "objective": OBJECTIVES, "pooling": ("cls", "mean"),
+    "attn_implementation": ATTN_IMPLEMENTATIONS}
+# The lowest value of each number field (checked before the consistency checks, so that
+# those never meet a string or a negative size). Others: dropout probabilities in [0, 1].
+_MINIMUM = {"vocab_size": 0, "n_special_tokens": 0, "pad_id": 0, "mask_id": 0, "cls_id": -1,
+            "n_layers": 1, "d_model": 1, "n_heads": 1, "d_ff": 1, "max_position": 0,
+            "type_vocab_size": 0, "n_bins": 0, "decoder_layers": 0, "decoder_d_model": 0,
+            "decoder_heads": 0, "decoder_d_ff": 0, "n_classes": 0}
+_POSITIVE_FLOATS = ("norm_eps", "initializer_range")
+_PROBABILITIES = ("dropout", "attn_dropout")
+
+
+def did_you_mean(value: Any, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the choice closest to ``value`` (case ignored), else ``""``.
+
+    >>> did_you_mean("Tiny", ["tiny", "small", "base"])
+    " (did you mean 'tiny'?)"
+    """
+    if not isinstance(value, str):
+        return ""
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(value.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[close[0]]!r}?)" if close else ""
+
+
+def choice_problem(key: str, value: Any, choices: Iterable[str]) -> str | None:
+    """``None`` when ``value`` is one of ``choices``, else the sentence that says so."""
+    choices = tuple(choices)
+    if isinstance(value, str) and value in choices:
+        return None
+    return (f"{key} must be one of {', '.join(map(repr, choices))}, not {value!r}"
+            + did_you_mean(value, choices))
+
 
 # (n_layers, d_model, n_heads, d_ff) per family and size. Published shapes where they exist:
 # Geneformer gf-6L-30M (small) and V2-104M (base); scGPT whole-human (base, 12 x 512, 8 heads,
@@ -140,6 +186,26 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def _check_types(self) -> None:
+        """Raise :class:`~sclcm.InputError` naming every field of the wrong type or out of
+        range; numbers of other numeric types (numpy's) become plain ``int`` / ``float``, so
+        that the config is JSON."""
+        problems = []
+        for name, hint in _field_hints().items():
+            value, problem = _plain(name, getattr(self, name), hint)
+            setattr(self, name, value)
+            if problem:
+                problems.append(problem)
+        if not problems:  # ranges, now that every number is a number
+            problems += [f"{k} must be >= {low}, not {getattr(self, k)}"
+                         for k, low in _MINIMUM.items() if getattr(self, k) < low]
+            problems += [f"{k} must be > 0, not {getattr(self, k)}" for k in _POSITIVE_FLOATS
+                         if getattr(self, k) <= 0]
+            problems += [f"{k} is a probability: it must lie in [0, 1], not {getattr(self, k)}"
+                         for k in _PROBABILITIES if not 0 <= getattr(self, k) <= 1]
+        if problems:
+            raise InputError("Invalid ModelConfig: " + "; ".join(problems) + ".")
+
     @classmethod
     def preset(cls, name: Family, size: str = "small", *, vocab: GeneVocab | None = None,
                **overrides: Any) -> ModelConfig:
@@ -163,11 +229,12 @@ class ModelConfig:
         (6, 256, 4, 'post')
         """
         if name not in _SHAPES:
-            msg = f"Unknown preset {name!r}; choose one of {sorted(_SHAPES)}."
-            raise ValueError(msg)
+            msg = (f"Unknown preset {name!r}{did_you_mean(name, FAMILIES)}; choose one of "
+                   f"{list(FAMILIES)}.")
+            raise InputError(msg)
         if size not in SIZES:
-            msg = f"Unknown size {size!r}; choose one of {list(SIZES)}."
-            raise ValueError(msg)
+            msg = f"Unknown size {size!r}{did_you_mean(size, SIZES)}; choose one of {list(SIZES)}."
+            raise InputError(msg)
         n_layers, d_model, n_heads, d_ff = _SHAPES[name][size]
         kw: dict[str, Any] = dict(tokenizer=name, n_layers=n_layers, d_model=d_model,
                                   n_heads=n_heads, d_ff=d_ff, **_FAMILY[name])
@@ -178,22 +245,20 @@ class ModelConfig:
             kw.update(decoder_layers=dl, decoder_d_model=dd, decoder_heads=dh, decoder_d_ff=dff)
         if vocab is not None:
             kw.update(vocab_fields(vocab))
+        unknown = unknown_fields(overrides)
+        if unknown:
+            msg = f"Invalid ModelConfig: {'; '.join(unknown)}."
+            raise InputError(msg)
         kw.update(overrides)
         return cls(**kw)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` on an inconsistent configuration."""
+        """Raise :class:`~sclcm.InputError` (a ``ValueError``) naming every field of the wrong
+        type or out of range, else every way the fields contradict each other."""
+        self._check_types()  # first: the consistency checks need numbers to be numbers
         checks = [
-            (self.d_model % max(self.n_heads, 1) == 0 and self.n_heads > 0,
+            (self.d_model % self.n_heads == 0,
              f"d_model={self.d_model} must be a multiple of n_heads={self.n_heads}"),
-            (self.norm in ("pre", "post"), f"norm must be 'pre' or 'post', not {self.norm!r}"),
-            (self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}"),
-            (self.value_encoder in VALUE_ENCODERS,
-             f"value_encoder must be one of {VALUE_ENCODERS}"),
-            (self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}"),
-            (self.pooling in ("cls", "mean"), "pooling must be 'cls' or 'mean'"),
-            (self.attn_implementation in ATTN_IMPLEMENTATIONS,
-             f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}"),
             ((self.value_encoder not in ("category", "autobin") and self.objective != "bin")
              or self.n_bins > 0, "n_bins must be > 0 for bins"),
             (self.objective != "depth_value" or self.decoder_layers > 0,
@@ -209,23 +274,97 @@ class ModelConfig:
             (self.pooling != "cls" or self.cls_id >= 0,
              "pooling='cls' needs a <cls> token in the vocabulary (cls_id >= 0)"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"Invalid ModelConfig: {msg}.")
+        problems = [msg for ok, msg in checks if not ok]
+        if problems:
+            raise InputError("Invalid ModelConfig: " + "; ".join(problems) + ".")
 
     # --- JSON ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            msg = (f"config has fields this sclcm does not know: {unknown}; it was written by "
-                   "a newer sclcm, upgrade to read it.")
-            raise ValueError(msg)
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], *, defaults: dict[str, Any] | None = None,
+                  source: str | None = None) -> ModelConfig:
+        """The config that ``d`` (as :meth:`to_dict` wrote it) describes.
+
+        Every field must be present, with its type and in its range: a missing field is not
+        taken from the code's defaults, which need not be the ones the model was made with.
+
+        Parameters
+        ----------
+        d
+            Field names to values.
+        defaults
+            Values of fields ``d`` may lack because it predates them (see
+            :data:`sclcm.models._io.ADDED_FIELDS`).
+        source
+            Where ``d`` came from (a ``config.json``), for the messages.
+
+        Raises
+        ------
+        ~sclcm.InputError
+            Naming each missing, unknown or invalid field.
+        """
+        if not isinstance(d, dict):
+            msg = (f"{source or 'A model config'} must hold a mapping of config fields, not "
+                   f"{type(d).__name__}.")
+            raise InputError(msg)
+        fields = list(_field_hints())
+        d = {**(defaults or {}), **d}
+        problems = unknown_fields(d)
+        problems += [f"missing field {k!r}" + (f" (one of {', '.join(map(repr, CHOICES[k]))})"
+                                              if k in CHOICES else "")
+                     for k in fields if k not in d]
+        if not problems:
+            try:
+                return cls(**d)
+            except InputError as e:
+                problems.append(str(e).removeprefix("Invalid ModelConfig: ").rstrip("."))
+        where = f"Invalid model config in {source}: " if source else "Invalid ModelConfig: "
+        fix = ("as save_pretrained writes them: restore the file as it was saved, or correct "
+               "the field(s) named" if source else "as to_dict writes them")
+        msg = f"{where}{'; '.join(problems)}. Every field must be present and valid, {fix}."
+        raise InputError(msg)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _plain(name: str, value: Any, hint: Any) -> tuple[Any, str | None]:
+    """``value`` as the plain type of ``hint`` and ``None``, or ``value`` and what is wrong
+    with it."""
+    if name in CHOICES:
+        return value, choice_problem(name, value, CHOICES[name])
+    origin = get_origin(hint) or hint
+    if (origin is bool and isinstance(value, bool)) or (origin is dict
+                                                         and isinstance(value, dict)):
+        return value, None
+    if origin is int and _integer(value):
+        return int(value), None
+    number = _integer(value) or (isinstance(value, Real) and not isinstance(value, bool))
+    if origin is float and number and math.isfinite(value):
+        return float(value), None
+    if origin is list and isinstance(value, list | tuple) and all(map(_integer, value)):
+        return [int(v) for v in value], None
+    kind = {bool: "true or false", int: "an integer", float: "a finite number",
+            list: "a list of integers", dict: "a mapping"}[origin]
+    return value, f"{name} must be {kind}, not {reprlib.repr(value)} ({type(value).__name__})"
+
+
+def unknown_fields(names: Iterable[str]) -> list[str]:
+    """``"unknown field 'x' (did you mean 'y'?)"`` for each name that is not a field."""
+    fields = list(_field_hints())
+    return [f"unknown field {k!r}" + (did_you_mean(k, fields)
+                                      or f" (known fields: {', '.join(fields)})")
+            for k in names if k not in fields]
+
+
+@cache
+def _field_hints() -> dict[str, Any]:
+    """Each field's type (resolved once: the annotations are strings)."""
+    hints = get_type_hints(ModelConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(ModelConfig)}
 
 
 def vocab_fields(vocab: GeneVocab) -> dict[str, int]:
@@ -236,14 +375,15 @@ def vocab_fields(vocab: GeneVocab) -> dict[str, int]:
 
 
 def check_vocab(config: ModelConfig, vocab: GeneVocab) -> None:
-    """Raise ``ValueError`` when ``vocab`` is not the vocabulary ``config`` was built for."""
+    """Raise :class:`~sclcm.InputError` when ``vocab`` is not the vocabulary ``config`` was
+    built for."""
     want, got = vocab_fields(vocab), {k: getattr(config, k) for k in vocab_fields(vocab)}
     if want != got:
         diff = {k: (got[k], want[k]) for k in want if want[k] != got[k]}
         msg = (f"The vocabulary does not fit the model: (model, vocabulary) differ in {diff}. "
                "Use the vocabulary saved with the model (model.vocab), or build the config "
                "with ModelConfig.preset(..., vocab=vocab).")
-        raise ValueError(msg)
+        raise InputError(msg)
 
 
 def check_inputs(config: ModelConfig, gene_ids: torch.Tensor, offsets: torch.Tensor,

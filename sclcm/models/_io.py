@@ -2,7 +2,15 @@
 
 Nothing here unpickles: weights are safetensors, everything else JSON (the tokenizer's own
 ``save`` writes JSON and ``.npy``). ``config.json`` records a SHA-256 of every other file,
-so a modified or truncated file is refused on load rather than silently used.
+so a modified or truncated file is refused on load rather than silently used, and (format 2)
+``config_sha256``, a SHA-256 of its own entries, so that an edited config is refused too: a
+changed field would build another model than the one the weights were trained as.
+
+Every entry and every config field must be present, typed and in range; none is taken from
+the code's defaults. The one exception is what a format predates: :data:`ADDED_FIELDS` holds
+the entries and config fields added while a format was current, with the value that
+reproduces the models written before them. A new field means a new format version (and, for
+the versions before it, an entry there).
 """
 
 from __future__ import annotations
@@ -16,15 +24,30 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .. import __version__
+from .._checks import InputError
 from ..genes import GeneVocab
-from ._config import ModelConfig, check_vocab
+from ._config import ModelConfig, check_vocab, did_you_mean
 
 if TYPE_CHECKING:
     from ._model import CellModel
 
 FORMAT = "sclcm.CellModel"
-FORMAT_VERSION = 1
+#: 2: every config field required, ``config_sha256`` recorded and checked.
+FORMAT_VERSION = 2
+#: ``model.safetensors``'s own metadata version: its layout has not changed since format 1
+#: (so that re-saving a model at a new format keeps its weights file byte for byte).
+WEIGHTS_FORMAT_VERSION = 1
+#: Per format version, the top-level entries (``"config.x"``: config fields) that files of
+#: that version may lack, with the value that reproduces what such a file meant. The
+#: current version has none: a new field comes with a new version.
+ADDED_FIELDS: dict[int, dict[str, Any]] = {
+    1: {"weights_dtype": None,  # compact weights came later: before, stored as computed
+        "config.recon_panel": [],  # the reconstruction head came later: before, none
+        "config_sha256": None},  # format 2's
+}
+#: The top-level entries of ``config.json``.
+ENTRIES = ("format", "format_version", "sclcm_version", "config", "tokenizer", "weights_dtype",
+           "sha256", "config_sha256")
 CONFIG, WEIGHTS, VOCAB, TOKENIZER = "config.json", "model.safetensors", "vocab.json", "tokenizer"
 
 
@@ -74,68 +97,136 @@ def save_pretrained(model: CellModel, directory: str | Path, *, tokenizer: Any =
     if store is not None:  # compact storage; load_pretrained casts back to float32
         tensors = {k: v.to(store) if v.is_floating_point() else v for k, v in tensors.items()}
     save_file(tensors, directory / WEIGHTS,
-              metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+              metadata={"format": FORMAT, "format_version": str(WEIGHTS_FORMAT_VERSION)})
     vocab.save(directory / VOCAB)
     files = [WEIGHTS, VOCAB]
     if tokenizer is not None:
         tokenizer.save(directory / TOKENIZER)
         files += sorted(p.relative_to(directory).as_posix() for p in
                         (directory / TOKENIZER).rglob("*") if p.is_file())
+    from .. import __version__  # here: sclcm's __init__ may still be importing this module
+
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "sclcm_version": __version__,
             "config": model.config.to_dict(),
             "tokenizer": TOKENIZER if tokenizer is not None else None,
             "weights_dtype": names[store] if store is not None else None,
             "sha256": {f: _sha256(directory / f) for f in files}}
+    meta["config_sha256"] = config_digest(meta)
     (directory / CONFIG).write_text(json.dumps(meta, indent=2))
 
 
-def read_meta(directory: Path) -> dict[str, Any]:
+def config_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of ``config.json``'s entries but the checksums (``sha256``, checked against the
+    files themselves, and ``config_sha256``), as canonical JSON: key order and whitespace do
+    not count, values do."""
+    entries = {k: v for k, v in meta.items() if k not in ("sha256", "config_sha256")}
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_meta(directory: Path) -> tuple[dict[str, Any], ModelConfig]:
+    """``config.json``'s entries and the config they hold, each checked: the format, every
+    entry and config field (present, typed, in range), ``config_sha256``, the checksum of
+    every file; raise :class:`~sclcm.InputError` (``FileNotFoundError`` for a missing file)
+    naming what is wrong and what to do."""
     path = directory / CONFIG
     if not path.is_file():
         msg = f"{directory} is not a sclcm model directory: {CONFIG} is missing."
         raise FileNotFoundError(msg)
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        msg = (f"{path} is not a sclcm model config (format {meta.get('format')!r}); for a "
-               "Hugging Face Geneformer checkpoint use sclcm.models.import_geneformer.")
-        raise ValueError(msg)
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        msg = (f"{path} has format version {meta['format_version']}, newer than this sclcm "
-               f"reads ({FORMAT_VERSION}); upgrade sclcm.")
-        raise ValueError(msg)
-    for name, digest in meta.get("sha256", {}).items():
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        msg = (f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}. "
+               "Restore the file as save_pretrained wrote it.")
+        raise InputError(msg) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        msg = (f"{path} is not a sclcm model config (format {found!r}); for a Hugging Face "
+               "Geneformer checkpoint use sclcm.models.import_geneformer.")
+        raise InputError(msg)
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        msg = f"{path}: format_version must be a whole number >= 1, not {version!r}."
+        raise InputError(msg)
+    if version > FORMAT_VERSION:
+        msg = (f"{path} has format version {version}, newer than this sclcm reads "
+               f"({FORMAT_VERSION}); upgrade sclcm.")
+        raise InputError(msg)
+    added = {k: v for old in range(version, FORMAT_VERSION + 1) for k, v in
+             ADDED_FIELDS.get(old, {}).items()}
+    meta = {**{k: v for k, v in added.items() if "." not in k}, **meta}
+    _check_entries(meta, path, version)
+    config = ModelConfig.from_dict(
+        meta["config"], source=str(path),
+        defaults={k.removeprefix("config."): v for k, v in added.items() if "." in k})
+    if meta["config_sha256"] is not None and meta["config_sha256"] != config_digest(meta):
+        msg = (f"{path} was edited after the model was saved: its entries no longer match "
+               "the recorded config_sha256, and a changed field would build another model "
+               "than the one the weights were trained as. Restore the file as saved; to "
+               "change the model, load it, change it in code and save_pretrained a new "
+               "directory.")
+        raise InputError(msg)
+    for name, digest in meta["sha256"].items():
         if not (directory / name).is_file():
             msg = f"{directory / name} is missing from the model directory."
             raise FileNotFoundError(msg)
         if _sha256(directory / name) != digest:
             msg = (f"{directory / name} does not match the checksum recorded in {CONFIG}: the "
                    "file was modified or corrupted after saving; refusing to load it.")
-            raise ValueError(msg)
-    if WEIGHTS not in meta.get("sha256", {}):
+            raise InputError(msg)
+    if WEIGHTS not in meta["sha256"]:
         msg = f"{path} records no checksum for {WEIGHTS}; refusing to load unverified weights."
-        raise ValueError(msg)
-    return meta
+        raise InputError(msg)
+    return meta, config
+
+
+def _check_entries(meta: dict[str, Any], path: Path, version: int) -> None:
+    """Raise :class:`~sclcm.InputError` naming each unknown, missing or mistyped top-level
+    entry of ``config.json``."""
+    problems = [f"unknown entry {k!r}" + did_you_mean(k, ENTRIES) for k in meta
+                if k not in ENTRIES]
+    problems += [f"missing entry {k!r}" for k in ENTRIES if k not in meta]
+    optional_str = (str, type(None))
+    kinds = {"sclcm_version": (str, "a string"), "config": (dict, "a mapping"),
+             "tokenizer": (optional_str, "a folder name or null"),
+             "weights_dtype": (optional_str, f"one of {list(STORAGE_DTYPES)} or null"),
+             "sha256": (dict, "a mapping of file names to digests"),
+             # format 1 recorded none
+             "config_sha256": (str if version >= 2 else optional_str, "a hex digest")}
+    for key, (types, kind) in kinds.items():
+        if key in meta and not isinstance(meta[key], types):
+            problems.append(f"{key} must be {kind}, not {meta[key]!r}")
+    dtype = meta.get("weights_dtype")
+    if isinstance(dtype, str) and dtype not in STORAGE_DTYPES:
+        problems.append(f"weights_dtype must be one of {list(STORAGE_DTYPES)} or null, not "
+                        f"{dtype!r}{did_you_mean(dtype, STORAGE_DTYPES)}")
+    if isinstance(meta.get("sha256"), dict) and not all(
+            isinstance(v, str) for v in meta["sha256"].values()):
+        problems.append("sha256 must map file names to hex digests")
+    if problems:
+        msg = (f"Invalid {path}: " + "; ".join(problems) + ". Restore the file as "
+               "save_pretrained wrote it.")
+        raise InputError(msg)
 
 
 def load_pretrained(cls: type[CellModel], directory: str | Path, *,
                     device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None) -> CellModel:
     directory = Path(directory)
-    meta = read_meta(directory)
-    config = ModelConfig.from_dict(meta["config"])
+    meta, config = read_meta(directory)
     vocab = GeneVocab.load(directory / VOCAB)
     check_vocab(config, vocab)
     try:
         tensors = load_file(directory / WEIGHTS)
     except SafetensorError as e:
         msg = f"{directory / WEIGHTS} is not a readable safetensors file: {e}"
-        raise ValueError(msg) from None
-    if meta.get("weights_dtype") not in (None, "float32"):  # stored compactly: compute in fp32
+        raise InputError(msg) from None
+    if meta["weights_dtype"] not in (None, "float32"):  # stored compactly: compute in fp32
         tensors = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     with torch.device("meta"):  # no time spent on a random init that is overwritten
         model = cls(config, vocab=vocab)
     load_state(model, tensors, source=str(directory / WEIGHTS))
-    if meta.get("tokenizer"):
+    if meta["tokenizer"]:
         from ..tokenizers import load_tokenizer
 
         model.attach_tokenizer(load_tokenizer(directory / meta["tokenizer"]))
@@ -155,6 +246,6 @@ def load_state(model: CellModel, tensors: dict[str, torch.Tensor], *, source: st
                            f"{tuple(want[k].shape)}" for k in bad[:8])]
         msg = (f"{source} does not fit the model its config describes: "
                + "; ".join(p for p in parts if p) + ".")
-        raise ValueError(msg)
+        raise InputError(msg)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()

@@ -3,8 +3,11 @@
 A config is a YAML file (or a dict) with the sections ``data``, ``tokenizer``, ``vocab``,
 ``model``, ``optim``, ``objectives``, ``trainer`` and the key ``out_dir``; the presets ship as
 ``sclcm/train/configs/<preset>.yaml`` and load by name (``load_config("geneformer")``).
-Every key is checked: an unknown one is an error that lists the known ones. Strings in
-paths expand ``$VARS`` / ``${VARS}``; relative data paths are relative to the config file.
+Every key and value is checked when the config is read, before any work: an unknown key is
+an error that suggests the closest known one and lists them all, a value that takes one of a
+few names lists them (``model.size``, ``trainer.accelerator``, ``model.overrides`` field
+names and values, ...). Strings in paths expand ``$VARS`` / ``${VARS}``; relative data paths
+are relative to the config file.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from .._checks import InputError
+from ..models._config import FAMILIES, SIZES, choice_problem, did_you_mean
+
 CONFIG_DIR = Path(__file__).parent / "configs"
-FAMILIES = ("geneformer", "scgpt", "scbert", "scfoundation")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A pretraining configuration that cannot run; the message says what to change."""
 
 
@@ -193,7 +198,9 @@ def load_config(config: str | Path | dict | PretrainConfig, *,
     Raises
     ------
     ConfigError
-        Unknown keys, values of the wrong type, or no data.
+        An unknown key (with the closest known one), a value of the wrong type or not among
+        a key's valid names (listed), ``model.overrides`` that make no valid model, or no
+        data; a :class:`~sclcm.InputError`.
 
     Examples
     --------
@@ -261,8 +268,9 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        msg = (f"Unknown key{'s' * (len(unknown) > 1)} {', '.join(where + k for k in unknown)} "
-               f"in {name}; known keys: {', '.join(fields)}.")
+        named = ", ".join(where + k + did_you_mean(k, fields) for k in unknown)
+        msg = (f"Unknown key{'s' * (len(unknown) > 1)} {named} in {name}; known keys: "
+               f"{', '.join(fields)}.")
         raise ConfigError(msg)
     hints = get_type_hints(cls)
     kwargs = {k: _coerce(hints[k], v, where + k) for k, v in raw.items()}
@@ -330,19 +338,14 @@ def _check(cfg: PretrainConfig) -> None:
     if d.held_out_fraction is not None and not 0 <= d.held_out_fraction < 1:
         msg = f"data.held_out_fraction must be in [0, 1), not {d.held_out_fraction}."
         raise ConfigError(msg)
-    if cfg.model.preset not in FAMILIES:
-        msg = f"model.preset must be one of {list(FAMILIES)}, not {cfg.model.preset!r}."
-        raise ConfigError(msg)
-    if cfg.family not in FAMILIES:
-        msg = f"tokenizer.family must be one of {list(FAMILIES)}, not {cfg.family!r}."
-        raise ConfigError(msg)
+    _check_choices(cfg)
     if cfg.family != cfg.model.preset:
         msg = (f"tokenizer.family {cfg.family!r} cannot feed a {cfg.model.preset!r} model; "
                "leave tokenizer.family out to use the preset's.")
         raise ConfigError(msg)
-    if cfg.tokenizer.medians not in ("histogram", "exact"):
-        msg = f"tokenizer.medians must be 'histogram' or 'exact', not {cfg.tokenizer.medians!r}."
-        raise ConfigError(msg)
+    _check_tokenizer_options(cfg)
+    _check_model(cfg)
+    _check_vocab(cfg)
     positive = {"optim.max_steps": cfg.optim.max_steps, "optim.max_tokens": cfg.optim.max_tokens,
                 "data.block_size": cfg.data.block_size, "data.stats_cells": d.stats_cells,
                 "optim.accumulate_grad_batches": cfg.optim.accumulate_grad_batches}
@@ -371,6 +374,111 @@ def _check(cfg: PretrainConfig) -> None:
     if len(cfg.optim.betas) != 2:
         msg = f"optim.betas must be two numbers, not {cfg.optim.betas}."
         raise ConfigError(msg)
+
+
+def _check_choices(cfg: PretrainConfig) -> None:
+    """Each key that takes one of a few names (Lightning's, for the trainer's) has one."""
+    choices = {"model.preset": (cfg.model.preset, FAMILIES),
+               "model.size": (cfg.model.size, SIZES),
+               "tokenizer.family": (cfg.family, FAMILIES),
+               "tokenizer.medians": (cfg.tokenizer.medians, ("histogram", "exact")),
+               **_trainer_choices(cfg.trainer)}
+    for key, (value, valid) in choices.items():
+        problem = choice_problem(key, value, valid)
+        if problem:
+            raise ConfigError(problem + ".")
+
+
+def _trainer_choices(t: TrainerConfig) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """``trainer.accelerator``, ``.strategy`` and ``.precision`` with the names Lightning
+    takes (from its registries, so that they follow its version) and ``auto``."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    out = {"trainer.accelerator": (t.accelerator, (
+               "auto", "cpu", "gpu", *sorted(set(AcceleratorRegistry.available_accelerators())
+                                            - {"cpu"}))),
+           "trainer.strategy": (t.strategy, ("auto", *StrategyRegistry.available_strategies()))}
+    try:  # Lightning's own list of precision names is private: use it where it is found
+        from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+    except ImportError:
+        return out
+    out["trainer.precision"] = (t.precision, ("auto", *get_args(_PRECISION_INPUT_STR),
+                                              *get_args(_PRECISION_INPUT_STR_ALIAS)))
+    return out
+
+
+#: ModelConfig fields a run sets itself, and from what.
+_RUN_SET_FIELDS = {"tokenizer": "model.preset", "recon_panel": "objectives.reconstruction",
+                   **dict.fromkeys(("vocab_size", "n_special_tokens", "pad_id", "mask_id",
+                                    "cls_id"), "the vocabulary (vocab.*)")}
+
+
+def _check_model(cfg: PretrainConfig) -> None:
+    """``model.overrides``: ``ModelConfig`` fields, none the run sets itself, that make a
+    valid model with the preset (built here, without weights, to check)."""
+    from ..models._config import ModelConfig, unknown_fields
+
+    m, hints = cfg.model, get_type_hints(ModelConfig)
+    problems = unknown_fields(m.overrides)
+    problems += [f"{k!r} is set by {_RUN_SET_FIELDS[k]}; remove it" for k in m.overrides
+                 if k in _RUN_SET_FIELDS]
+    if problems:
+        msg = f"model.overrides: {'; '.join(problems)}."
+        raise ConfigError(msg)
+    # YAML 1.1 reads 1e-5 as a string: coerced to each field's type, as the sections are
+    m.overrides = {k: _coerce(hints[k], v, f"model.overrides.{k}")
+                   for k, v in m.overrides.items()}
+    try:
+        ModelConfig.preset(m.preset, m.size, **m.overrides)
+    except InputError as e:
+        msg = (f"model.overrides do not make a valid {m.preset} {m.size} model: "
+               f"{str(e).removeprefix('Invalid ModelConfig: ')}")
+        raise ConfigError(msg) from None
+
+
+def _check_tokenizer_options(cfg: PretrainConfig) -> None:
+    """``tokenizer.options``: keywords the family's tokenizer takes (the vocabulary and, for
+    Geneformer, the medians come from the run)."""
+    import inspect
+
+    from ..tokenizers import (
+        GeneformerTokenizer,
+        ScBERTTokenizer,
+        ScFoundationTokenizer,
+        ScGPTTokenizer,
+    )
+
+    cls = {"geneformer": GeneformerTokenizer, "scgpt": ScGPTTokenizer,
+           "scbert": ScBERTTokenizer, "scfoundation": ScFoundationTokenizer}[cfg.family]
+    params = inspect.signature(cls).parameters
+    known = [k for k, p in params.items() if k not in ("vocab", "medians")
+             and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    unknown = [k for k in cfg.tokenizer.options if k not in known]
+    if unknown:
+        named = ", ".join(f"{k!r}{did_you_mean(k, known)}" for k in unknown)
+        msg = (f"tokenizer.options: {cls.__name__} takes no option {named}; its options: "
+               f"{', '.join(known)}.")
+        raise ConfigError(msg)
+
+
+def _check_vocab(cfg: PretrainConfig) -> None:
+    """``vocab.species`` and ``vocab.biotypes`` name a shipped reference and its biotypes."""
+    if cfg.vocab.path is not None:
+        return
+    from ..genes import gene_table
+    from ..genes._reference import canonical_species
+
+    try:
+        canonical_species(cfg.vocab.species)
+    except ValueError as e:
+        raise ConfigError(f"vocab.species: {e}") from None
+    biotypes = sorted(set(gene_table(cfg.vocab.species).biotype))
+    for biotype in cfg.vocab.biotypes or ():
+        problem = choice_problem("vocab.biotypes", biotype, biotypes)
+        if problem:
+            msg = problem.replace(" must be one of", " entries must be among", 1) + "."
+            raise ConfigError(msg)
 
 
 # --- paths --------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -11,10 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from .. import logging as logg
 from .._settings import settings
-from ._config import expand, load_config
+from ._config import ConfigError, expand, load_config
 from ._module import PretrainModule
 from ._objectives import evaluate
 from ._prepare import fit_baseline, prepare
@@ -44,6 +48,91 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32-true"
 
 
+def check_accelerator(t: TrainerConfig) -> None:
+    """Raise :class:`ConfigError` when ``trainer.accelerator`` (or ``trainer.devices``) asks
+    for hardware this machine lacks; Lightning would say so only once the data are
+    prepared."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if t.accelerator in ("cuda", "gpu") and not (cuda or (t.accelerator == "gpu" and mps)):
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None else
+               "torch.cuda.is_available() is False: no CUDA GPU is visible (check "
+               "nvidia-smi and CUDA_VISIBLE_DEVICES)")
+        msg = (f"trainer.accelerator is {t.accelerator!r}, but {why}. Set trainer.accelerator "
+               "to 'cpu' (or 'auto': a GPU where there is one), e.g. --set "
+               "trainer.accelerator=auto, or run on a machine with a GPU.")
+        raise ConfigError(msg)
+    if t.accelerator == "mps" and not mps:
+        msg = ("trainer.accelerator is 'mps', but torch.backends.mps.is_available() is False "
+               "(Apple GPUs only). Set trainer.accelerator to 'cpu' or 'auto'.")
+        raise ConfigError(msg)
+    n_gpus = torch.cuda.device_count()
+    if t.accelerator in ("cuda", "gpu") and cuda and isinstance(t.devices, int) \
+            and not isinstance(t.devices, bool) and t.devices > n_gpus:
+        msg = (f"trainer.devices is {t.devices}, but this machine has {n_gpus} CUDA "
+               f"GPU{'s' * (n_gpus != 1)}; set trainer.devices to at most {n_gpus} (or 'auto').")
+        raise ConfigError(msg)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar over the whole run: optimizer steps out of ``max_steps``.
+
+    A run is step-based (``max_epochs=-1``) over a stream without a length, so Lightning's
+    own bars count batches per pass over the data with no total (and the rich one titles
+    them ``Epoch 0/-2``). This one counts ``trainer.global_step`` (from the resumed step)
+    and leaves out the logger's version (``v_num``).
+    """
+
+    def init_train_tqdm(self) -> Tqdm:
+        trainer = self.trainer
+        return Tqdm(desc="Training steps", total=trainer.max_steps, initial=trainer.global_step,
+                    position=2 * self.process_position, disable=self.is_disabled, leave=True,
+                    dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        pass  # one bar for the run: not reset at each pass over the data
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if self._should_update(trainer.global_step, bar.total):
+            self._show(bar, trainer.global_step)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # the bar stays open until the run ends (on_train_end closes it)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule
+                    ) -> dict[str, int | str | float | dict[str, float]]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+    @staticmethod
+    def _show(bar: Any, n: int) -> None:
+        if not bar.disable:
+            bar.n = n
+            bar.refresh()
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's tips (install litlogger, litmodels, ...): advertisements, not news
+    about the run. Its other lines (GPU available, max_steps reached) pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith("💡 Tip")
+
+
+_NO_TIPS = _NoTips()
+
+
+def quiet_lightning() -> None:
+    """Install the tip filter on the logger Lightning's ``rank_zero_info`` writes to."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if _NO_TIPS not in log.filters:
+            log.addFilter(_NO_TIPS)
+
+
 def build_strategy(t: TrainerConfig) -> Any:
     """Lightning's strategy; ``fsdp`` shards per transformer block (and checkpoints the
     blocks' activations when ``activation_checkpointing``)."""
@@ -65,11 +154,14 @@ def build_trainer(cfg: PretrainConfig, out_dir: Path, *, validate: bool,
     """The Lightning ``Trainer`` of a run: step-based (``max_steps``, validation and
     checkpoints every so many steps), CSV logs and checkpoints under ``out_dir``."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
     t, o = cfg.trainer, cfg.optim
+    quiet_lightning()
     callbacks = list(callbacks)
+    if settings.progress and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(StepProgressBar())
     if t.checkpoint_every:
         callbacks.append(ModelCheckpoint(
             dirpath=out_dir / "checkpoints", filename="step-{step:07d}",
@@ -160,7 +252,8 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
 
     from ._datamodule import PretrainDataModule
 
-    cfg = load_config(config, overrides=overrides)
+    cfg = load_config(config, overrides=overrides)  # every key and value, before any work
+    check_accelerator(cfg.trainer)
     started = time.perf_counter()
     out_dir = Path(expand(cfg.out_dir, key="out_dir"))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -199,6 +292,8 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
         logg.info(f"held-out losses at step 0: {_losses(step0)}")
     resume = cfg.trainer.resume
     with warnings.catch_warnings():
+        # Lightning 2.6 on torch >= 2.10 warns about its own use of torch's pytree API
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
         if resume is not None:  # resuming into the run's folder: it has checkpoints, sure
             warnings.filterwarnings("ignore", message="Checkpoint directory .* not empty")
         trainer.fit(module, datamodule=data,
