@@ -7,14 +7,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 
-from ._matrix import get_matrix, iter_row_blocks, stored_values
+from ._errors import InputError
+from ._matrix import check_dtype, get_matrix, iter_row_blocks, stored_values
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-
-class InputError(ValueError):
-    """Raised when an AnnData cannot be used as given; the message says how to fix it."""
+__all__ = ["InputError", "check_counts", "check_obs_names"]
 
 
 def _where(adata: AnnData, block, start: int, mask_fn) -> str:
@@ -26,6 +25,16 @@ def _where(adata: AnnData, block, start: int, mask_fn) -> str:
     else:
         row, col = np.argwhere(mask_fn(block))[0]
     return f"cell {adata.obs_names[start + row]!r}, gene {adata.var_names[col]!r}"
+
+
+def check_obs_names(adata: AnnData) -> None:
+    """Refuse duplicated cell names: results are matched to cells by name downstream
+    (``obs`` joins, ``sc.concat``), and error messages name cells."""
+    if not adata.obs_names.is_unique:
+        dup = adata.obs_names[adata.obs_names.duplicated()]
+        msg = (f"{len(dup)} cell names are duplicated (e.g. {dup[0]!r}); call "
+               "adata.obs_names_make_unique() first.")
+        raise InputError(msg)
 
 
 def check_counts(adata: AnnData, *, layer: str | None = None, max_cells: int | None = None,
@@ -59,21 +68,14 @@ def check_counts(adata: AnnData, *, layer: str | None = None, max_cells: int | N
     >>> sclcm.pp.check_counts(adata)
     Traceback (most recent call last):
     ...
-    sclcm._checks.InputError: ...
+    sclcm.InputError: ...
     """
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     if adata.n_obs == 0 or adata.n_vars == 0:
         msg = f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes)."
         raise InputError(msg)
-    if not adata.obs_names.is_unique:
-        dup = adata.obs_names[adata.obs_names.duplicated()]
-        msg = (f"{len(dup)} cell names are duplicated (e.g. {dup[0]!r}); call "
-               "adata.obs_names_make_unique() first.")
-        raise InputError(msg)
-    dtype = get_matrix(adata, layer).dtype
-    if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)):
-        msg = f"{where} has dtype {dtype}; counts must be integers or floats."
-        raise InputError(msg)
+    check_obs_names(adata)
+    check_dtype(get_matrix(adata, layer), where)
 
     n_empty, first_empty, max_value = 0, None, 0.0
     for start, _, block in iter_row_blocks(adata, layer, max_rows=max_cells):

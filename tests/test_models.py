@@ -203,7 +203,11 @@ def test_bad_inputs_get_clear_errors():
     sf, sf_batch = build("scfoundation", 2)
     with pytest.raises(ValueError, match=r"depth .n_cells x 2"):
         sf(**dict(sf.inputs(sf_batch), depth=None))
-    gf, gf_batch = build("geneformer", 2, max_position=64)
+    tok, gf_batch = tokens("geneformer", 2)  # cells of up to 4,096 tokens
+    config = ModelConfig.preset("geneformer", "tiny", vocab=tok.vocab, max_position=64)
+    with pytest.raises(ValueError, match=r"model has 64 positions.*max_len=64"):
+        CellModel(config, tokenizer=tok)  # refused when attached, before any cell
+    gf = CellModel(config, vocab=tok.vocab)
     with pytest.raises(ValueError, match="more than the model's 64 positions"):
         gf(**gf.inputs(gf_batch))
 

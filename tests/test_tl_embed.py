@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import (
     ALL_DATASETS,
+    EMBED_TOL,
     KANG_CTRL,
     PBMC3K,
     SUPERCELL_MOUSE,
@@ -132,9 +133,9 @@ def test_backed_equals_in_memory(tmp_path, model_dir):
     backed = ad.read_h5ad(path, backed="r")
     sclcm.tl.embed(backed, model, gene_embeddings=True)
     assert backed.isbacked
-    np.testing.assert_allclose(backed.obsm["X_sclcm"], adata.obsm["X_sclcm"], atol=1e-6)
+    np.testing.assert_allclose(backed.obsm["X_sclcm"], adata.obsm["X_sclcm"], **EMBED_TOL)
     np.testing.assert_allclose(backed.varm["sclcm_gene_embedding"],
-                               adata.varm["sclcm_gene_embedding"], atol=1e-6)
+                               adata.varm["sclcm_gene_embedding"], **EMBED_TOL)
     assert backed.uns["sclcm"]["count_coverage"] == adata.uns["sclcm"]["count_coverage"]
     with pytest.raises(ValueError, match="copy=True on a backed AnnData"):
         sclcm.tl.embed(backed, model, copy=True)
@@ -163,7 +164,7 @@ def test_layer_of_a_real_dataset(model_dir):
     out = sclcm.tl.embed(adata, model, layer="spliced", copy=True)
     alone = ad.AnnData(adata.layers["spliced"], obs=adata.obs, var=adata.var)
     sclcm.tl.embed(alone, model)
-    np.testing.assert_allclose(out.obsm["X_sclcm"], alone.obsm["X_sclcm"], atol=1e-6,
+    np.testing.assert_allclose(out.obsm["X_sclcm"], alone.obsm["X_sclcm"], **EMBED_TOL,
                                equal_nan=True)
     assert out.uns["sclcm"]["params"]["layer"] == "spliced"
     with pytest.raises(sclcm.InputError, match=r"layer 'counts' is not in adata\.layers"):
@@ -206,7 +207,7 @@ def test_binned_scgpt_reads_normalized_data_as_counts():
         if X == "normalize_total":
             adata.X = adata.X.expm1()
         sclcm.tl.embed(adata, model)
-        np.testing.assert_allclose(adata.obsm["X_sclcm"], counts.obsm["X_sclcm"], atol=1e-6)
+        np.testing.assert_allclose(adata.obsm["X_sclcm"], counts.obsm["X_sclcm"], **EMBED_TOL)
 
 
 # --- copy and failures ----------------------------------------------------------------
@@ -397,7 +398,7 @@ def test_csr_sparse_formats_agree():
     expected = sclcm.tl.embed(adata, model, copy=True).obsm["X_sclcm"]
     adata.X = sparse.csc_matrix(adata.X)
     sclcm.tl.embed(adata, model)
-    np.testing.assert_allclose(adata.obsm["X_sclcm"], expected, atol=1e-6)
+    np.testing.assert_allclose(adata.obsm["X_sclcm"], expected, **EMBED_TOL)
 
 
 # --- the demo's embedding step ----------------------------------------------------------

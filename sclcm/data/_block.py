@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .._matrix import canonical_csr
+
 if TYPE_CHECKING:
     from ..genes import GeneReport
     from ..tokenizers import ColumnMap, TokenBatch, Tokenizer
@@ -168,11 +170,6 @@ class CellBlock:
 
 
 def as_csr(block) -> sparse.csr_matrix:
-    """``block`` as a CSR matrix with int32/int64 indices (whatever the reader returned)."""
-    X = block if isinstance(block, sparse.csr_matrix) else sparse.csr_matrix(
-        block if sparse.issparse(block) else np.asarray(block))
-    if X.indices.dtype.kind == "u" or X.indptr.dtype.kind == "u":
-        # tiledbsoma-ml returns the smallest unsigned index types; scipy wants signed ones
-        X = sparse.csr_matrix((X.data, X.indices.astype(np.int64), X.indptr.astype(np.int64)),
-                              shape=X.shape)
-    return X
+    """``block`` as a canonical CSR matrix, whatever the reader returned (see
+    :func:`sclcm._matrix.canonical_csr`)."""
+    return canonical_csr(block)

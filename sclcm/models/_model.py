@@ -197,6 +197,14 @@ class CellModel(nn.Module):
                    f"cannot feed a {self.config.tokenizer!r} model.")
             raise ValueError(msg)
         check_vocab(self.config, tokenizer.vocab)
+        n_pos = self.config.max_position
+        if n_pos and (tokenizer.max_len is None or tokenizer.max_len > n_pos):
+            # a rank family's positions bound its cells' length: refuse now, not mid-embed
+            msg = (f"The tokenizer makes cells of up to {tokenizer.max_len or 'any number of'} "
+                   f"tokens, but the model has {n_pos} positions: make the tokenizer with "
+                   f"max_len={n_pos} (e.g. GeneformerTokenizer(vocab, medians, "
+                   f"max_len={n_pos})).")
+            raise ValueError(msg)
         if self.vocab is not None and tokenizer.vocab != self.vocab:
             msg = "The tokenizer's vocabulary differs from the model's (model.vocab)."
             raise ValueError(msg)
@@ -435,8 +443,10 @@ class CellModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> CellModel:
-        """Load a model written by :meth:`save_pretrained`, checking every file's checksum,
+        """Load a model written by :meth:`save_pretrained` (a directory, or the name of a
+        shipped model, :func:`sclcm.tl.shipped_models`), checking every file's checksum,
         the tensor names and shapes, and the vocabulary."""
+        from .._shipped import model_path
         from ._io import load_pretrained
 
-        return load_pretrained(cls, directory, device=device, dtype=dtype)
+        return load_pretrained(cls, model_path(directory), device=device, dtype=dtype)

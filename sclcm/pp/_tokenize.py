@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Literal
 
 from .. import logging as logg
-from .._matrix import iter_row_blocks
+from .._matrix import check_dtype, get_matrix, iter_row_blocks
 from .._progress import progress
 
 if TYPE_CHECKING:
@@ -66,6 +66,8 @@ def tokenize(adata: AnnData, tokenizer: Tokenizer, *, layer: str | None = None,
     if empty not in ("drop", "keep"):
         msg = f"empty must be 'drop' or 'keep', not {empty!r}."
         raise ValueError(msg)
+    check_dtype(get_matrix(adata, layer), "adata.X" if layer is None else
+                f"adata.layers[{layer!r}]")
     start = logg.info(f"tokenizing {adata.n_obs} cells with {tokenizer!r}")
     cmap = tokenizer.column_map(adata, report=report)
     writer = None

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import sparse
 
-from .._checks import InputError, _where
-from .._matrix import iter_row_blocks, stored_values
+from .._checks import InputError, _where, check_obs_names
+from .._matrix import check_dtype, get_matrix, iter_row_blocks, stored_values
 from .._progress import progress
 
 if TYPE_CHECKING:
@@ -22,18 +22,45 @@ if TYPE_CHECKING:
 
 
 def check_tool_input(adata: AnnData, layer: str | None, *, copy: bool = False) -> None:
-    """Checks every tool makes before loading a model: a non-empty AnnData, an existing
-    ``layer``, and no ``copy`` of a backed object (it would load ``X`` into memory)."""
+    """Checks every tool makes before loading a model, so that no work is lost to them: a
+    non-empty AnnData with unique cell names, an existing ``layer`` of a numeric dtype, no
+    ``copy`` of a backed object (it would load ``X`` into memory), and no view of a backed
+    object (results cannot be written to it without loading its ``X``)."""
     if adata.n_obs == 0 or adata.n_vars == 0:
         msg = f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes)."
         raise InputError(msg)
     if layer is not None and layer not in adata.layers:
         msg = f"layer {layer!r} is not in adata.layers ({list(adata.layers)})."
         raise InputError(msg)
+    check_obs_names(adata)
+    check_dtype(get_matrix(adata, layer),
+                "adata.X" if layer is None else f"adata.layers[{layer!r}]")
+    if adata.isbacked and adata.is_view:
+        # anndata makes a written view real by copying it, which a backed view cannot do
+        # without a file name (and indexing it again, e.g. to subsample, is refused)
+        msg = ("This is a view of a backed AnnData: sclcm cannot write results to it (anndata "
+               "would have to load its X). Either load the subset, "
+               "sub = adata[mask].to_memory(), and run on sub; or run on the whole backed "
+               "object and subset the result, e.g. adata.obsm['X_sclcm'][mask].")
+        raise InputError(msg)
     if copy and adata.isbacked:
         msg = ("copy=True on a backed AnnData would load X into memory: use copy=False (the "
                "results are kept on the object in memory), or adata.to_memory() first.")
         raise ValueError(msg)
+
+
+#: Share of counts on the model's genes below which the tools warn.
+LOW_COUNT_COVERAGE = 0.9
+
+
+def output_object(adata: AnnData, *, copy: bool) -> AnnData:
+    """The object a tool writes its results to: a copy, or ``adata`` itself, a view being
+    made real first as scanpy does (writing to a view would otherwise warn and copy)."""
+    if copy:
+        return adata.copy()
+    if adata.is_view:
+        adata._init_as_actual(adata.copy())
+    return adata
 
 
 @dataclass
@@ -88,9 +115,24 @@ class CellTokens:
     def count_coverage(self) -> float:
         return self.counts_in_vocab / self.counts_read if self.counts_read else float("nan")
 
-    def check_values(self) -> None:
-        """Nothing left to check before reading: :meth:`batches` checks every block as it
-        tokenizes it, so a backed file is read once (kept for its callers)."""
+    def warn_low_coverage(self, threshold: float = LOW_COUNT_COVERAGE) -> None:
+        """Warn when less than ``threshold`` of the counts read fell on the model's genes.
+
+        The share of counts, not of genes, is what the model misses: most genes of a full
+        gene space are never expressed (pbmc3k: 34% of its genes, 99% of its counts reach
+        the default model), while a tissue the corpus lacks loses its markers (Baron human
+        pancreas: 52% of genes, 80% of counts).
+        """
+        from .. import logging as logg
+
+        if self.count_coverage < threshold:
+            n_in = int((self.column_map.slot >= 0).sum())
+            logg.warning(
+                f"only {self.count_coverage:.0%} of the counts (and {n_in} of "
+                f"{len(self.column_map.slot)} genes) reach the model's vocabulary: the "
+                "model does not see the rest, and tissue markers may be among them. Check "
+                "sclcm.genes.resolve(adata) (symbols, species) or use a model trained on "
+                "this tissue.")
 
     def _check_block(self, block, first: int) -> None:
         """Raise :class:`~sclcm.InputError` for NaN/inf or negative values in ``block``

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import logging as logg
-from ._cells import CellTokens, check_tool_input
+from ._cells import CellTokens, check_tool_input, output_object
 from ._forward import Budget, autocast, input_rows, plan_batches, precision_for
 from ._keys import EmbeddingKeys
 from ._model_ref import DEFAULT_MODEL, get_model
@@ -120,7 +120,16 @@ def embed(adata: AnnData, model: str | Path | CellModel | None = None, *,
     ``n_obs x d_model`` float32.
 
     **Failure.** Nothing is written to ``adata`` until every cell is embedded, so an error
-    leaves it as it was.
+    leaves it as it was. A view of a backed AnnData is refused before any work (results
+    cannot be written to it without loading its ``X``): load the subset with
+    ``.to_memory()``, or embed the whole backed object and subset ``obsm``.
+
+    **Determinism.** A cell's embedding does not depend on the other cells: not on their
+    order, on which cells share its forward pass, on ``batch_size`` or on the block size.
+    Within float32 arithmetic it agrees to 1e-4 (absolute and relative): a differently
+    shaped pass may sum its matrix products in another order. Sparse input of any format
+    (CSC, ``csr_array``, unsorted or duplicated entries, which are summed) and any integer
+    or float dtype give the same result.
 
     Examples
     --------
@@ -136,7 +145,6 @@ def embed(adata: AnnData, model: str | Path | CellModel | None = None, *,
     dev = next(net.parameters()).device
     precision = precision_for(precision, dev)
     cells = CellTokens.prepare(adata, net.tokenizer, layer=layer)
-    cells.check_values()
     model_id = _model_id(model)
     start = logg.info(f"embedding {adata.n_obs} cells with {model_id} "
                       f"({net.config.tokenizer}, {net.config.n_layers} layers x "
@@ -144,19 +152,21 @@ def embed(adata: AnnData, model: str | Path | CellModel | None = None, *,
     result = _run(net, cells, batch_size=batch_size, gene_embeddings=gene_embeddings,
                   device=dev, precision=precision)
     n_empty = result.n_empty
+    cells.warn_low_coverage()
     if n_empty:
-        logg.warning(f"{n_empty} of {adata.n_obs} cells have no count on any gene of the "
-                     f"model's vocabulary: their rows of obsm[{keys.obsm!r}] are NaN")
+        # NaN rows stop sc.pp.neighbors (scikit-learn refuses NaN): say how to drop them
+        logg.warning(
+            f"{n_empty} of {adata.n_obs} cells have no count on any gene of the model's "
+            f"vocabulary: their rows of obsm[{keys.obsm!r}] are NaN, which sc.pp.neighbors "
+            f"refuses. Drop them before neighbors: adata = adata[~np.isnan(adata.obsm["
+            f"{keys.obsm!r}]).any(axis=1)].copy() (or sc.pp.filter_cells(adata, "
+            "min_counts=1) first, where they have no counts at all).")
 
     record = _record(net, cells, model_id=model_id, n_empty=n_empty, layer=layer,
                      batch_size=batch_size, gene_embeddings=gene_embeddings,
                      key_added=key_added, device=dev, precision=precision)
     genes = _per_column(result, cells) if gene_embeddings else None
-    # everything is computed: only now touch the user's object
-    if copy:
-        adata = adata.copy()
-    elif adata.is_view:
-        adata._init_as_actual(adata.copy())  # as scanpy does: writing a view makes it real
+    adata = output_object(adata, copy=copy)  # everything is computed: only now touch it
     adata.obsm[keys.obsm] = result.cells
     if genes is not None:
         adata.varm[keys.varm] = genes

@@ -12,6 +12,7 @@ import numpy as np
 from scipy import sparse
 
 from .._checks import InputError
+from .._matrix import canonical_csr
 from ..genes import GeneVocab
 from ._batch import TokenBatch
 from ._kernels import MAX_SLOTS
@@ -85,10 +86,6 @@ class ColumnMap:
         return codes
 
 
-def _as_csr(X) -> sparse.csr_matrix:
-    return sparse.csr_matrix(X if sparse.issparse(X) else np.asarray(X))
-
-
 def normalized(Y: sparse.csr_matrix, totals: np.ndarray) -> np.ndarray:
     """Stored values of ``Y`` as counts / the cell's total x 10,000 (float32)."""
     with np.errstate(divide="ignore", invalid="ignore"):  # empty cells have no entries
@@ -113,7 +110,7 @@ class Block:
 
     @classmethod
     def of(cls, X, cmap: ColumnMap) -> Block:
-        X = _as_csr(X)
+        X = canonical_csr(X)
         data = X.data
         if data.dtype not in (np.float32, np.float64):
             data = data.astype(np.float64)
