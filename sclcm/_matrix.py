@@ -66,13 +66,22 @@ def canonical_csr(X) -> sparse.csr_matrix:
 
 
 def iter_row_blocks(adata: AnnData, layer: str | None = None, *, block_size: int = BLOCK_SIZE,
-                    max_rows: int | None = None) -> Iterator[tuple[int, int, object]]:
+                    max_rows: int | None = None, desc: str | None = None
+                    ) -> Iterator[tuple[int, int, object]]:
     """Yield ``(start, stop, block)`` over rows; ``block`` is canonical CSR (see
     :func:`canonical_csr`) for sparse input, else a dense ndarray (float16 as float32).
 
     Only one block is in memory at a time, so this reads a ``backed="r"`` file in
-    constant memory.
+    constant memory. ``desc`` shows a progress bar of cells with that label.
     """
+    if desc is not None:
+        from ._progress import progress
+
+        n = adata.n_obs if max_rows is None else min(adata.n_obs, max_rows)
+        yield from progress(iter_row_blocks(adata, layer, block_size=block_size,
+                                            max_rows=max_rows),
+                            total=n, desc=desc, unit="cells", size=lambda b: b[1] - b[0])
+        return
     X = get_matrix(adata, layer)
     n = adata.n_obs if max_rows is None else min(adata.n_obs, max_rows)
     for start in range(0, n, block_size):

@@ -65,6 +65,18 @@ def test_embed_bar_counts_cells_not_blocks(bars, monkeypatch):
     assert not bar["disable"]
 
 
+def test_tokenize_and_median_bars_count_cells(bars, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", _TTY())
+    adata = _load(PBMC3K)[:1500].copy()
+    vocab = sclcm.genes.GeneVocab.from_reference("human")
+    tok = sclcm.tokenizers.GeneformerTokenizer(vocab).fit(adata)
+    sclcm.pp.tokenize(adata, tok)
+    by_desc = {bar["desc"]: bar for bar in bars}
+    for desc in ("gene medians", "tokenizing"):
+        assert (by_desc[desc]["total"], by_desc[desc]["n"], by_desc[desc]["unit"]) == \
+            (1500, 1500, "cells")
+
+
 def test_perturb_bars_count_cells_and_nest(bars, monkeypatch):
     monkeypatch.setattr(sys, "stderr", _TTY())
     _, model = family("geneformer")

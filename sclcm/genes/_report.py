@@ -11,7 +11,6 @@ import pandas as pd
 from scipy import sparse
 
 from .._matrix import get_matrix, iter_row_blocks
-from .._progress import progress
 from ._reference import canonical_species, gene_table, ortholog_table
 
 if TYPE_CHECKING:
@@ -199,8 +198,7 @@ class GeneReport:
         M = self.aggregation_matrix()
         dtype = np.result_type(get_matrix(adata, layer).dtype, np.float32)
         blocks = [sparse.csr_matrix(sparse.csr_matrix(b) @ M, dtype=dtype)
-                  for _, _, b in progress(iter_row_blocks(adata, layer), desc="collapsing genes",
-                                          unit="block")]
+                  for _, _, b in iter_row_blocks(adata, layer, desc="collapsing genes")]
         X = sparse.vstack(blocks, format="csr") if blocks else sparse.csr_matrix(
             (0, M.shape[1]), dtype=dtype)
         var = pd.DataFrame(index=self.unique_ids.copy())

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING, Literal
 
 from .. import logging as logg
 from .._matrix import check_dtype, get_matrix, iter_row_blocks
-from .._progress import progress
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -77,9 +76,8 @@ def tokenize(adata: AnnData, tokenizer: Tokenizer, *, layer: str | None = None,
         writer = CorpusWriter(out, tokenizer, source=str(getattr(adata, "filename", "") or ""),
                               overwrite=overwrite)
     batches, n_cells = [], 0
-    for first, _, block in progress(iter_row_blocks(adata, layer, block_size=block_size),
-                                    total=-(-adata.n_obs // block_size), desc="tokenizing",
-                                    unit="block"):
+    for first, _, block in iter_row_blocks(adata, layer, block_size=block_size,
+                                           desc="tokenizing"):
         batch = tokenizer.encode(block, cmap, start=first, keep_empty=empty == "keep")
         n_cells += batch.n_cells
         if writer is None:

@@ -19,7 +19,6 @@ import numpy as np
 
 from .. import logging as logg
 from .._matrix import iter_row_blocks
-from .._progress import progress
 from ._base import ColumnMap, Tokenizer, normalized, prepare_block
 from ._medians import ExactMedians, HistogramMedians
 
@@ -134,8 +133,8 @@ class GeneformerTokenizer(Tokenizer):
         if method == "auto":
             method = "exact" if _stored_values(adata, layer) <= max_exact_nnz else "histogram"
         start = logg.info(f"fitting Geneformer gene medians ({method}) over {adata.n_obs} cells")
-        blocks = ((block, cmap) for _, _, block in progress(
-            iter_row_blocks(adata, layer), desc="gene medians", unit="block"))
+        blocks = ((block, cmap) for _, _, block in iter_row_blocks(adata, layer,
+                                                                   desc="gene medians"))
         self.fit_blocks(blocks, method=method)
         logg.info(f"    medians for {int(np.isfinite(self.medians).sum())} genes", time=start)
         return self
