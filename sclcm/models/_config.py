@@ -37,7 +37,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 _MINIMUM = {"vocab_size": 0, "n_special_tokens": 0, "pad_id": 0, "mask_id": 0, "cls_id": -1,
             "n_layers": 1, "d_model": 1, "n_heads": 1, "d_ff": 1, "max_position": 0,
             "type_vocab_size": 0, "n_bins": 0, "decoder_layers": 0, "decoder_d_model": 0,
-            "decoder_heads": 0, "decoder_d_ff": 0, "n_classes": 0}
+            "decoder_heads": 0, "decoder_d_ff": 0, "n_classes": 0, "value_head_layers": 2,
+            "classifier_layers": 1, "value_clamp": 0}
 _POSITIVE_FLOATS = ("norm_eps", "initializer_range")
 _PROBABILITIES = ("dropout", "attn_dropout")
 
@@ -119,16 +120,25 @@ class ModelConfig:
         BERT's token-type embedding rows (only row 0 is used); 0 for none.
     embed_norm
         Layer norm over the summed input embeddings (BERT).
+    gene_norm
+        Layer norm over the gene embedding alone, before the value is added (scGPT's gene
+        encoder); the MVC decoder then reads the normed gene embedding, as scGPT's does.
     value_encoder
         ``"none"`` (Geneformer), ``"category"`` (embedding per bin: scGPT, scBERT),
         ``"continuous"`` (MLP on the value: scGPT's continuous mode) or ``"autobin"``
         (scFoundation's auto-discretization).
+    value_clamp
+        Values above this enter the value encoder as this (scGPT clamps at 512); 0 for
+        no clamp.
     n_bins
         Bins of the category encoder and bin head, or of auto-discretization.
     objective
         Pretraining head: ``"mlm"`` (gene identity over the vocabulary), ``"bin"``
         (bin classification), ``"value"`` (value regression), ``"depth_value"``
         (scFoundation's decoder, read-depth aware) or ``"none"``.
+    value_head_layers
+        Linear layers of the value head (2; scGPT's expression decoder has 3), leaky ReLU
+        between them.
     mvc
         scGPT's cell-embedding decoder: predicts each gene's value from the cell embedding.
     depth_tokens
@@ -139,6 +149,12 @@ class ModelConfig:
         Cell embedding: ``"cls"`` (the first token's state) or ``"mean"`` (over genes).
     n_classes
         Classification head for fine-tuning (0 for none).
+    classifier_layers
+        Linear layers of the classification head: 1, or scGPT's ``n_layers_cls``
+        (linear, ReLU, layer norm before the output layer).
+    normalize_embedding
+        ``cell_embedding`` is L2-normalised (scGPT's ``embed_data`` convention); the heads
+        read the pooled state as it is, as scGPT's do.
     recon_panel
         Token ids of the genes the reconstruction head predicts from the cell embedding
         alone (a bottleneck: log1p of counts per 10,000 over a fixed panel, zeros included;
@@ -166,9 +182,12 @@ class ModelConfig:
     max_position: int = 0
     type_vocab_size: int = 0
     embed_norm: bool = True
+    gene_norm: bool = False
     value_encoder: str = "none"
+    value_clamp: float = 0.0
     n_bins: int = 0
     objective: str = "mlm"
+    value_head_layers: int = 2
     tie_word_embeddings: bool = True
     mvc: bool = False
     depth_tokens: bool = False
@@ -178,6 +197,8 @@ class ModelConfig:
     decoder_d_ff: int = 0
     pooling: Literal["cls", "mean"] = "mean"
     n_classes: int = 0
+    classifier_layers: int = 1
+    normalize_embedding: bool = False
     recon_panel: list[int] = field(default_factory=list)
     initializer_range: float = 0.02
     attn_implementation: str = "auto"

@@ -32,8 +32,10 @@ if TYPE_CHECKING:
     from ._model import CellModel
 
 FORMAT = "sclcm.CellModel"
-#: 2: every config field required, ``config_sha256`` recorded and checked.
-FORMAT_VERSION = 2
+#: 2: every config field required, ``config_sha256`` recorded and checked. 3: the options
+#: scGPT's architecture needs (``gene_norm``, ``value_clamp``, ``value_head_layers``,
+#: ``classifier_layers``, ``normalize_embedding``).
+FORMAT_VERSION = 3
 #: ``model.safetensors``'s own metadata version: its layout has not changed since format 1
 #: (so that re-saving a model at a new format keeps its weights file byte for byte).
 WEIGHTS_FORMAT_VERSION = 1
@@ -44,6 +46,9 @@ ADDED_FIELDS: dict[int, dict[str, Any]] = {
     1: {"weights_dtype": None,  # compact weights came later: before, stored as computed
         "config.recon_panel": [],  # the reconstruction head came later: before, none
         "config_sha256": None},  # format 2's
+    2: {"config.gene_norm": False, "config.value_clamp": 0.0,  # scGPT's options came later:
+        "config.value_head_layers": 2, "config.classifier_layers": 1,  # before, these
+        "config.normalize_embedding": False},
 }
 #: The top-level entries of ``config.json``.
 ENTRIES = ("format", "format_version", "sclcm_version", "config", "tokenizer", "weights_dtype",

@@ -41,14 +41,16 @@ class CategoryValueEncoder(nn.Module):
 class ContinuousValueEncoder(nn.Module):
     """scGPT's continuous mode: a small MLP on the value; masked tokens get a learned vector."""
 
-    def __init__(self, d_model: int, eps: float) -> None:
+    def __init__(self, d_model: int, eps: float, clamp: float = 0.0) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(1, d_model), nn.Linear(d_model, d_model)
         self.norm = nn.LayerNorm(d_model, eps=eps)
         self.mask = nn.Parameter(torch.zeros(d_model))
+        self.clamp = clamp  # 0: none
 
     def forward(self, values_t: torch.Tensor, masked_t: torch.Tensor | None) -> torch.Tensor:
-        x_td = self.norm(self.fc2(F.relu(self.fc1(values_t[:, None]))))
+        v_t = values_t.clamp(max=self.clamp) if self.clamp else values_t
+        x_td = self.norm(self.fc2(F.relu(self.fc1(v_t[:, None]))))
         return x_td if masked_t is None else torch.where(masked_t[:, None], self.mask, x_td)
 
 
@@ -70,13 +72,14 @@ class AutoDiscretization(nn.Module):
         return x_td if masked_t is None else torch.where(masked_t[:, None], self.mask, x_td)
 
 
-def value_encoder(kind: str, *, n_bins: int, d_model: int, eps: float) -> nn.Module | None:
+def value_encoder(kind: str, *, n_bins: int, d_model: int, eps: float,
+                  clamp: float = 0.0) -> nn.Module | None:
     if kind == "none":
         return None
     if kind == "category":
         return CategoryValueEncoder(n_bins, d_model)
     if kind == "continuous":
-        return ContinuousValueEncoder(d_model, eps)
+        return ContinuousValueEncoder(d_model, eps, clamp)
     return AutoDiscretization(n_bins, d_model)
 
 
@@ -89,8 +92,10 @@ class Embeddings(nn.Module):
         self.genes = nn.Embedding(cfg.vocab_size, d)
         self.positions = nn.Embedding(cfg.max_position, d) if cfg.max_position else None
         self.token_types = nn.Embedding(cfg.type_vocab_size, d) if cfg.type_vocab_size else None
+        # scGPT norms the gene embedding alone, before the value is added
+        self.gene_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.gene_norm else None
         self.values = value_encoder(cfg.value_encoder, n_bins=cfg.n_bins, d_model=d,
-                                    eps=cfg.norm_eps)
+                                    eps=cfg.norm_eps, clamp=cfg.value_clamp)
         self.depth = nn.Embedding(2, d) if cfg.depth_tokens else None
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.embed_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)
@@ -98,7 +103,7 @@ class Embeddings(nn.Module):
     def forward(self, gene_ids: torch.Tensor, values: torch.Tensor | None,
                 masked: torch.Tensor | None, packing: Packing,
                 depth_kind: torch.Tensor | None = None) -> torch.Tensor:
-        x_td = self.genes(gene_ids)
+        x_td = self.gene_vectors(gene_ids)
         if depth_kind is not None:  # read-depth tokens (kind 0 = T, 1 = S; -1 = a gene)
             x_td = torch.where(depth_kind[:, None] >= 0, self.depth(depth_kind.clamp(min=0)),
                                x_td)
@@ -114,6 +119,11 @@ class Embeddings(nn.Module):
         if self.values is not None:
             x_td = x_td + self.values(values.to(x_td.dtype), masked)
         return self.drop(self.norm(x_td))
+
+    def gene_vectors(self, gene_ids: torch.Tensor) -> torch.Tensor:
+        """The genes' embeddings (normed where ``gene_norm``), without values."""
+        x_td = self.genes(gene_ids)
+        return x_td if self.gene_norm is None else self.gene_norm(x_td)
 
 
 # --- heads ---------------------------------------------------------------------------------
@@ -133,14 +143,20 @@ class MLMHead(nn.Module):
 
 
 class ValueHead(nn.Module):
-    """Regresses a value per token (scGPT's expression decoder, scFoundation's output)."""
+    """Regresses a value per token (scGPT's expression decoder, scFoundation's output):
+    ``n_layers`` linear layers ``fc1 .. fcN`` (the last one to a scalar), leaky ReLU
+    between them."""
 
-    def __init__(self, d_model: int) -> None:
+    def __init__(self, d_model: int, n_layers: int = 2) -> None:
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d_model, d_model), nn.Linear(d_model, 1)
+        self.n_layers = n_layers
+        for i in range(1, n_layers + 1):
+            setattr(self, f"fc{i}", nn.Linear(d_model, 1 if i == n_layers else d_model))
 
     def forward(self, h_nd: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.leaky_relu(self.fc1(h_nd)))[:, 0]
+        for i in range(1, self.n_layers):
+            h_nd = F.leaky_relu(getattr(self, f"fc{i}")(h_nd))
+        return getattr(self, f"fc{self.n_layers}")(h_nd)[:, 0]
 
 
 class MVCDecoder(nn.Module):
@@ -157,13 +173,20 @@ class MVCDecoder(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Cell classification for fine-tuning, on the cell embedding."""
+    """Cell classification for fine-tuning, on the cell embedding: ``n_layers - 1`` times
+    (linear, ReLU, layer norm) as scGPT's ``ClsDecoder``, then the output layer."""
 
-    def __init__(self, d_model: int, n_classes: int, dropout: float) -> None:
+    def __init__(self, d_model: int, n_classes: int, dropout: float, n_layers: int = 1,
+                 eps: float = 1e-5) -> None:
         super().__init__()
+        self.hidden = nn.ModuleList(
+            nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.LayerNorm(d_model, eps=eps))
+            for _ in range(n_layers - 1))
         self.drop, self.out = nn.Dropout(dropout), nn.Linear(d_model, n_classes)
 
     def forward(self, cell_bd: torch.Tensor) -> torch.Tensor:
+        for layer in self.hidden:
+            cell_bd = layer(cell_bd)
         return self.out(self.drop(cell_bd))
 
 

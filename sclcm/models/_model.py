@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ._attention import Packing, attention, find_keys, repack
@@ -151,10 +152,11 @@ class CellModel(nn.Module):
         self.head = {"none": lambda: None, "bin": lambda: nn.Linear(d, cfg.n_bins),
                      "mlm": lambda: MLMHead(d, cfg.vocab_size, activation=cfg.activation,
                                             eps=cfg.norm_eps),
-                     "value": lambda: ValueHead(d),
+                     "value": lambda: ValueHead(d, cfg.value_head_layers),
                      "depth_value": lambda: ValueHead(cfg.decoder_d_model)}[cfg.objective]()
         self.mvc = MVCDecoder(d) if cfg.mvc else None
-        self.classifier = ClassifierHead(d, cfg.n_classes, cfg.dropout) if cfg.n_classes else None
+        self.classifier = ClassifierHead(d, cfg.n_classes, cfg.dropout, cfg.classifier_layers,
+                                         cfg.norm_eps) if cfg.n_classes else None
         # a bottleneck: a linear read of the cell embedding must hold the cell's expression
         self.recon_head = nn.Linear(d, len(cfg.recon_panel)) if cfg.recon_panel else None
         self.tie_weights()
@@ -307,8 +309,10 @@ class CellModel(nn.Module):
             if output_hidden_states is True else {i % (n + 1) for i in output_hidden_states}
         x_td = self.embed_tokens(enc_ids, enc_values, enc_masked, enc, kind)
         h_td, hidden = self.encoder(x_td, enc, keep_layers, upto)
+        cell_bd = self.pool(h_td, enc_ids, enc, n_prefix)
         out: dict[str, Any] = {"last_hidden_state": h_td, "offsets": enc.offsets,
-                               "cell_embedding": self.pool(h_td, enc_ids, enc, n_prefix)}
+                               "cell_embedding": F.normalize(cell_bd, dim=-1)
+                               if cfg.normalize_embedding else cell_bd}
         if output_hidden_states is not False:
             out["hidden_states"] = hidden
         if not heads or upto is not None:
@@ -325,12 +329,12 @@ class CellModel(nn.Module):
             out.update(self._decode(h_td, enc, enc_pos, inp, gene_ids, masked, target,
                                     decoder_gene_ids, decoder_offsets, n_prefix))
         if self.mvc is not None:
-            out["mvc_pred"] = self.mvc(self.embed_tokens.genes(gene_ids[target]),
-                                       out["cell_embedding"][inp.cell[target]])
+            out["mvc_pred"] = self.mvc(self.embed_tokens.gene_vectors(gene_ids[target]),
+                                       cell_bd[inp.cell[target]])
         if self.classifier is not None:
-            out["class_logits"] = self.classifier(out["cell_embedding"])
+            out["class_logits"] = self.classifier(cell_bd)
         if self.recon_head is not None:
-            out["recon_pred"] = self.recon_head(out["cell_embedding"])
+            out["recon_pred"] = self.recon_head(cell_bd)
         return out
 
     def _decode(self, h_td: torch.Tensor, enc: Packing, enc_pos: torch.Tensor, inp: Packing,

@@ -105,6 +105,8 @@ class ScGPTTokenizer(Tokenizer):
         block.check(flags, require_integers=self.requires_counts)
         batch = block.batch(out, n_tokens, n_cells)
         if not self.binned:  # the kernel gave normalized counts; NumPy's log1p as scGPT's
+            first = batch.offsets[:-1]
+            batch.values[first] = 0.0  # cls_value may lie below -1 (scGPT feeds -2)
             np.log1p(batch.values, out=batch.values)
-            batch.values[batch.offsets[:-1]] = self.cls_value
+            batch.values[first] = self.cls_value
         return batch
