@@ -7,7 +7,13 @@ Prints tokens/s and cells/s of each and their ratio, for the ``small`` and ``bas
 on CPU in float32 and, where CUDA is available, in bf16 (sclcm with flash-attn when
 installed). Reads pbmc3k from ``$SCLCM_DATA`` (default ``../shared/data``).
 
+``--shapes scgpt`` adds scGPT whole-human's shape (12 x 512, 8 heads, d_hid 512, cells of
+up to 1,200 tokens): random weights in scGPT's key layout read with
+:func:`sclcm.models.import_scgpt`, against torch's own ``nn.TransformerEncoder`` (the layers
+scGPT is built of) on the same cells padded per batch.
+
     python benchmarks/model_forward.py [--cells-small 128] [--cells-base 16]
+                                       [--shapes small base scgpt] [--cells-scgpt 32]
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import sclcm
 from sclcm.genes import GeneVocab, resolve
@@ -39,6 +46,8 @@ from sclcm.tokenizers import GeneformerTokenizer
 PBMC3K = "sctypegsea_10x_pbmc3k_raw_2700.h5ad"
 # Geneformer gf-6L-30M (small) and V2-104M (base): layers, hidden, heads, ffn, positions
 SHAPES = {"small": (6, 256, 4, 512, 2048), "base": (12, 768, 12, 3072, 4096)}
+# scGPT whole-human: layers, embsize, heads, d_hid, max_seq_len
+SCGPT = (12, 512, 8, 512, 1200)
 
 
 def peer_checkpoint(vocab: GeneVocab, medians: np.ndarray, shape: str, directory: Path) -> None:
@@ -143,12 +152,143 @@ def run(shape: str, n_cells: int, data, *, batch_size: int, device, dtype, rng) 
           f"{t['sorted'] / t['ours']:.2f}x vs the length-sorted peer")
 
 
+def scgpt_checkpoint(symbols: list[str], directory: Path) -> dict[str, torch.Tensor]:
+    """Random weights in scGPT's key layout (torch's attention names), saved as scGPT
+    publishes them; returns the state dict."""
+    import json
+
+    n_layers, d, heads, ff, max_len = SCGPT
+    tokens = {t: i for i, t in enumerate([*symbols, "<pad>", "<cls>", "<eoc>"])}
+    shapes = {"encoder.embedding.weight": (len(tokens), d), "encoder.enc_norm": d,
+              "value_encoder.linear1.weight": (d, 1), "value_encoder.linear1.bias": d,
+              "value_encoder.linear2": (d, d), "value_encoder.norm": d,
+              "decoder.fc.0": (d, d), "decoder.fc.2": (d, d), "decoder.fc.4.weight": (1, d),
+              "decoder.fc.4.bias": 1, "mvc_decoder.gene2query": (d, d),
+              "mvc_decoder.W.weight": (d, d)}
+    for i in range(n_layers):
+        p = f"transformer_encoder.layers.{i}."
+        shapes.update({p + "self_attn.in_proj_weight": (3 * d, d),
+                       p + "self_attn.in_proj_bias": 3 * d, p + "self_attn.out_proj": (d, d),
+                       p + "linear1": (ff, d), p + "linear2": (d, ff), p + "norm1": d,
+                       p + "norm2": d})
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, shape in shapes.items():
+        if name.endswith((".weight", ".bias", "_weight", "_bias")):
+            names = {name: shape}
+        elif isinstance(shape, int):  # a layer norm
+            names = {f"{name}.weight": shape, f"{name}.bias": shape}
+        else:  # a linear layer
+            names = {f"{name}.weight": shape, f"{name}.bias": shape[0]}
+        for k, sh in names.items():
+            sd[k] = torch.randn(sh, generator=g) * 0.05
+    for k in [k for k in sd if "norm" in k and k.endswith(".weight")]:
+        sd[k] = 1 + sd[k]
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, directory / "best_model.pt")
+    (directory / "vocab.json").write_text(json.dumps(tokens))
+    (directory / "args.json").write_text(json.dumps(
+        dict(nlayers=n_layers, embsize=d, nheads=heads, d_hid=ff, n_layers_cls=3, dropout=0.2,
+             pad_token="<pad>", pad_value=-2, mask_value=-1, n_bins=51, input_style="binned",
+             input_emb_style="continuous", max_seq_len=max_len)))
+    return sd
+
+
+class ScGPTPeer(torch.nn.Module):
+    """scGPT's encoder from torch's layers: gene embedding + layer norm, value MLP, torch's
+    post-norm ``nn.TransformerEncoder`` on cells padded per batch; the ``<cls>`` state."""
+
+    def __init__(self, sd: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        n_layers, d, heads, ff, _ = SCGPT
+        layer = torch.nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
+        prefix = "transformer_encoder."
+        self.encoder.load_state_dict({k.removeprefix(prefix): v for k, v in sd.items()
+                                      if k.startswith(prefix)})
+        self.sd = {k: v for k, v in sd.items() if not k.startswith(prefix)}
+
+    def forward(self, ids: torch.Tensor, values: torch.Tensor, pad: torch.Tensor):
+        w, d = self.sd, SCGPT[1]
+        x = F.layer_norm(F.embedding(ids, w["encoder.embedding.weight"]), (d,),
+                         w["encoder.enc_norm.weight"], w["encoder.enc_norm.bias"])
+        v = F.relu(F.linear(values.clamp(max=512)[..., None], w["value_encoder.linear1.weight"],
+                            w["value_encoder.linear1.bias"]))
+        v = F.layer_norm(F.linear(v, w["value_encoder.linear2.weight"],
+                                  w["value_encoder.linear2.bias"]), (d,),
+                         w["value_encoder.norm.weight"], w["value_encoder.norm.bias"])
+        return self.encoder(x + v, src_key_padding_mask=pad)[:, 0]
+
+    def to(self, *args, **kwargs):  # the functional weights move too
+        self.sd = {k: v.to(*args, **kwargs) for k, v in self.sd.items()}
+        return super().to(*args, **kwargs)
+
+
+def run_scgpt(n_cells: int, adata, *, batch_size: int, device, dtype, rng) -> None:
+    from sclcm.models import import_scgpt
+
+    symbols = list(dict.fromkeys(adata.var_names))
+    with tempfile.TemporaryDirectory() as tmp:
+        sd = scgpt_checkpoint(symbols, Path(tmp))
+        model = import_scgpt(tmp, normalize=False)
+    peer = ScGPTPeer(sd).eval().to(device, dtype)
+    model.eval().to(device, dtype)
+    cells = np.sort(rng.choice(adata.n_obs, n_cells, replace=False))
+    batch = model.tokenizer.tokenize(adata[cells])
+    # scGPT's id of each sclcm token: special tokens, then the genes in scGPT's order
+    tokens = {t: i for i, t in enumerate([*symbols, "<pad>", "<cls>", "<eoc>"])}
+    table = np.array([tokens.get(t, 0) for t in model.vocab.special_tokens]
+                     + list(range(len(symbols))))
+    pad_id = tokens["<pad>"]
+
+    @torch.inference_mode()
+    def peer_embed(b):
+        ids, values, mask = b.to_padded(pad_id=0, pad_value=-2)
+        ids = ids.copy()
+        ids[mask] = table[b.gene_ids]
+        ids[~mask] = pad_id
+        out = peer(torch.from_numpy(ids).long().to(device),
+                   torch.from_numpy(values).to(device, dtype), torch.from_numpy(~mask).to(device))
+        return out.float().cpu().numpy()
+
+    def ours(b):
+        return model.embed(b, batch_size=batch_size)
+
+    ours(batch[:2]), peer_embed(batch[:2])  # warm-up
+    t = {"ours": 0.0, "peer": 0.0}
+    e_ours, e_peer = [], []
+    for i in range(0, batch.n_cells, batch_size):
+        chunk = batch[i:i + batch_size]
+        dt, e = timed(lambda c=chunk: ours(c), device)
+        t["ours"] += dt
+        e_ours.append(e)
+        dt, e = timed(lambda c=chunk: peer_embed(c), device)
+        t["peer"] += dt
+        e_peer.append(e)
+    diff = np.abs(np.concatenate(e_ours) - np.concatenate(e_peer)).max()
+    n_tok, lens = batch.n_tokens, batch.lengths
+    cfg = model.config
+    print(f"\n[scgpt] {cfg.n_layers} layers x {cfg.d_model} hidden, {cfg.n_heads} heads, "
+          f"{model.get_num_params() / 1e6:.1f}M parameters | {device.type} "
+          f"{str(dtype).removeprefix('torch.')}")
+    print(f"  {batch.n_cells} cells, {n_tok} tokens (length {lens.min()}..{lens.max()}, mean "
+          f"{lens.mean():.0f}); batches of {batch_size} cells")
+    print(f"  max |<cls> embedding difference| sclcm vs torch TransformerEncoder: {diff:.2e}")
+    for name, sec in ((f"sclcm, packed ({cfg.attn_implementation})", t["ours"]),
+                      ("torch nn.TransformerEncoder, padded per batch", t["peer"])):
+        print(f"  {name:<46} {n_tok / sec:>9,.0f} tokens/s {batch.n_cells / sec:>7.2f} cells/s"
+              f" {sec:>7.2f} s")
+    print(f"  sclcm speed-up: {t['peer'] / t['ours']:.2f}x vs the padded torch encoder")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cells-small", type=int, default=128)
     parser.add_argument("--cells-base", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--shapes", nargs="+", default=["small", "base"], choices=list(SHAPES))
+    parser.add_argument("--cells-scgpt", type=int, default=32)
+    parser.add_argument("--shapes", nargs="+", default=["small", "base"],
+                        choices=[*SHAPES, "scgpt"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sclcm.settings.verbosity = "warning"
@@ -164,15 +304,21 @@ def main() -> None:
           f"{os.getloadavg()[0]:.2f} (other processes slow both sides alike: batches are timed "
           "in turns)")
     data = (vocab, medians, adata, report)
-    n = {"small": args.cells_small, "base": args.cells_base}
+    n = {"small": args.cells_small, "base": args.cells_base, "scgpt": args.cells_scgpt}
+
+    def one(shape: str, n_cells: int, batch_size: int, device, dtype) -> None:
+        rng = np.random.default_rng(args.seed)
+        if shape == "scgpt":
+            run_scgpt(n_cells, adata, batch_size=batch_size, device=device, dtype=dtype, rng=rng)
+        else:
+            run(shape, n_cells, data, batch_size=batch_size, device=device, dtype=dtype,
+                rng=rng)
+
     for shape in args.shapes:
-        run(shape, n[shape], data, batch_size=args.batch_size, device=torch.device("cpu"),
-            dtype=torch.float32, rng=np.random.default_rng(args.seed))
+        one(shape, n[shape], args.batch_size, torch.device("cpu"), torch.float32)
     if torch.cuda.is_available():
         for shape in args.shapes:
-            run(shape, 8 * n[shape], data, batch_size=4 * args.batch_size,
-                device=torch.device("cuda"), dtype=torch.bfloat16,
-                rng=np.random.default_rng(args.seed))
+            one(shape, 8 * n[shape], 4 * args.batch_size, torch.device("cuda"), torch.bfloat16)
     else:
         print("\nno CUDA device: the bf16 / flash-attn comparison was not run")
     print(f"load average at the end: {os.getloadavg()[0]:.2f}")

@@ -27,14 +27,20 @@ def shipped_models() -> list[str]:
 
 
 def model_path(model: str | Path) -> Path:
-    """The directory of ``model``: a directory, or the name of a shipped model.
+    """The directory of ``model``: a directory, the name of a shipped model, or of a
+    published one (:func:`sclcm.models.published`, ``"hf://org/repo"``: fetched through the
+    Hugging Face cache and converted once, see :func:`sclcm.models.load`).
 
     Raises
     ------
     ValueError
-        For a retired shipped name (naming its replacement), or a name that is neither.
+        For a retired shipped name (naming its replacement), or a name that is none of these.
     """
     path = Path(model).expanduser()
+    if isinstance(model, str) and model.startswith("hf://"):
+        from .models._hub import resolve
+
+        return resolve(model)
     if path.is_dir() or isinstance(model, Path) or "/" in str(model):
         return path  # a directory: the loader names what is missing in it
     if isinstance(model, str) and (PRETRAINED_DIR / model / "config.json").is_file():
@@ -44,7 +50,13 @@ def model_path(model: str | Path) -> Path:
                "a cell-level objective: its embeddings separate cell types far better); use "
                f"{RETIRED[model]!r} (or model=None in the tools).")
         raise ValueError(msg)
+    from .models._published import is_published
+
+    if is_published(model):
+        from .models._hub import resolve
+
+        return resolve(model)
     shipped = ", ".join(map(repr, shipped_models())) or "none"
-    msg = (f"{str(model)!r} is neither a model directory (with config.json) nor a shipped "
-           f"model (shipped: {shipped}).")
+    msg = (f"{str(model)!r} is neither a model directory (with config.json), a shipped "
+           f"model (shipped: {shipped}) nor a published one (sclcm.models.published()).")
     raise ValueError(msg)

@@ -5,13 +5,22 @@
 - :class:`CellModel` (``forward`` on packed tokens, ``embed``, ``save_pretrained``,
   ``from_pretrained``),
 - attention backends (``flash``, ``sdpa``, ``math``) behind :func:`attention`,
-- :func:`import_geneformer` and :func:`import_scgpt` for published checkpoints.
+- :func:`import_geneformer` and :func:`import_scgpt` for published checkpoints,
+- :func:`published` (the registry) and :func:`load` (by name, through the Hugging Face cache).
 """
 
 from ._attention import ATTENTION_BACKENDS, Packing, attention, register_attention
 from ._config import ModelConfig
 from ._geneformer import import_geneformer, load_plain_dict
+from ._hub import load
 from ._model import CellModel
+from ._published import (
+    PublishedModel,
+    published,
+    published_model,
+    register_published,
+    unregister_published,
+)
 from ._scgpt import import_scgpt, read_state_dict
 
 __all__ = [
@@ -19,10 +28,16 @@ __all__ = [
     "CellModel",
     "ModelConfig",
     "Packing",
+    "PublishedModel",
     "attention",
     "import_geneformer",
     "import_scgpt",
+    "load",
     "load_plain_dict",
+    "published",
+    "published_model",
     "read_state_dict",
     "register_attention",
+    "register_published",
+    "unregister_published",
 ]

@@ -409,7 +409,7 @@ class CellModel(nn.Module):
 
     @torch.inference_mode()
     def embed(self, batch: TokenBatch, *, layer: int | None = None,
-              batch_size: int = 64) -> np.ndarray:
+              batch_size: int = 64, special_tokens: bool = False) -> np.ndarray:
         """Cell embeddings (``n_cells x d_model``, float32) of a tokenized batch.
 
         Parameters
@@ -418,20 +418,42 @@ class CellModel(nn.Module):
             Cells from the model's tokenizer.
         layer
             Hidden layer to pool (0 = embeddings, ``n_layers`` or -1 = last); default last.
+            Geneformer's ``EmbExtractor(emb_layer=-1)``, its default, reads the
+            second-to-last layer: ``layer=-2`` here; its ``emb_layer=0`` (and Helical) the
+            last one, sclcm's default.
         batch_size
             Cells per forward pass (on the model's device).
+        special_tokens
+            Mean pooling: also average the ``<cls>`` / ``<eos>`` states (Geneformer's
+            ``mean_nonpadding_embs`` over all tokens); by default only gene tokens count.
         """
-        upto = None if layer is None else layer % (self.config.n_layers + 1)
+        cfg = self.config
+        if special_tokens and (cfg.pooling != "mean" or cfg.depth_tokens):
+            msg = "special_tokens=True applies to mean pooling over the input tokens only."
+            raise ValueError(msg)
+        upto = None if layer is None else layer % (cfg.n_layers + 1)
         was_training = self.training
         self.eval()
         try:
-            chunks = [self(**self.inputs(batch[i:i + batch_size]), heads=False,
-                           upto=upto)["cell_embedding"].float().cpu()
+            chunks = [self._embed_chunk(batch[i:i + batch_size], upto, special_tokens)
                       for i in range(0, batch.n_cells, batch_size)]
         finally:
             self.train(was_training)
         d = self.config.d_model
         return torch.cat(chunks).numpy() if chunks else np.zeros((0, d), np.float32)
+
+    def _embed_chunk(self, batch: TokenBatch, upto: int | None,
+                     special_tokens: bool) -> torch.Tensor:  # noqa: FBT001
+        inp = self.inputs(batch)
+        out = self(**inp, heads=False, upto=upto)
+        if not special_tokens:
+            return out["cell_embedding"].float().cpu()
+        h_td, packing = out["last_hidden_state"].float(), Packing(out["offsets"])
+        sums = h_td.new_zeros(packing.n_cells, h_td.shape[1]).index_add_(0, packing.cell, h_td)
+        cell_bd = sums / packing.offsets.diff().clamp(min=1)[:, None]
+        if self.config.normalize_embedding:
+            cell_bd = F.normalize(cell_bd, dim=-1)
+        return cell_bd.cpu()
 
     def save_pretrained(self, directory: str | Path, *, tokenizer: Any = None,
                         dtype: str | torch.dtype | None = None) -> None:
