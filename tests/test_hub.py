@@ -194,6 +194,10 @@ def test_models_off_the_hub_say_where_to_get_them_and_take_a_directory(hub, tmp_
     model = load("scgpt-human", directory=folder)
     assert model.config.tokenizer == "scgpt"
     assert model.config.d_model == 64
+    adata = cells()[:4].copy()  # from then on the name alone is a model for every tool
+    sclcm.tl.embed(adata, model="scgpt-human")
+    np.testing.assert_allclose(adata.obsm["X_sclcm"],
+                               model.embed(model.tokenizer.tokenize(cells()[:4])), atol=1e-5)
 
 
 def test_unknown_and_unpinned_names(hub):

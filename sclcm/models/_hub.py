@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 CONVERTER_VERSION = 1
 CONVERTED = "sclcm-converted"
 SOURCE = "source.json"
+#: The key of the model last converted for a name (off-hub models load by name after one
+#: ``load(name, directory=...)``).
+LAST = "last"
 
 
 def _sha256(path: Path) -> str:
@@ -122,6 +125,10 @@ def resolve(name: str, *, revision: str | None = None, directory: str | Path | N
             return files.root  # a sclcm directory: its config.json checks every file
     else:
         entry = published_model(name)
+        if entry.repo_id is None and directory is None:
+            last = _last_converted(entry, cache)
+            if last is not None:  # the files given before, converted then
+                return last
         files = _entry_files(entry, revision=revision, directory=directory, cache=cache,
                              local_files_only=local_files_only, force_download=force_download)
     return _converted(entry, files, cache)
@@ -284,10 +291,22 @@ def _converted(entry: PublishedModel, files: _Files, cache: Path) -> Path:
              "importer": entry.importer, "options": entry.options, "sha256": files.sha256,
              "licence": entry.licence, "source": entry.source}, indent=2))
         os.replace(tmp, target)
+        (base / LAST).write_text(target.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logg.info(f"    saved to {target}", time=start)
     return target
+
+
+def _last_converted(entry: PublishedModel, cache: Path) -> Path | None:
+    """The model last converted for ``entry``, if it is still there."""
+    record = cache.parent / CONVERTED / entry.name / LAST
+    if record.is_file():
+        target = record.parent / record.read_text().strip()
+        if (target / "config.json").is_file():
+            logg.info(f"    {entry.name}: converted model from {target}")
+            return target
+    return None
 
 
 def _trust_on_first_use(entry: PublishedModel, files: _Files, base: Path) -> None:
