@@ -152,48 +152,6 @@ def run(shape: str, n_cells: int, data, *, batch_size: int, device, dtype, rng) 
           f"{t['sorted'] / t['ours']:.2f}x vs the length-sorted peer")
 
 
-def scgpt_checkpoint(symbols: list[str], directory: Path) -> dict[str, torch.Tensor]:
-    """Random weights in scGPT's key layout (torch's attention names), saved as scGPT
-    publishes them; returns the state dict."""
-    import json
-
-    n_layers, d, heads, ff, max_len = SCGPT
-    tokens = {t: i for i, t in enumerate([*symbols, "<pad>", "<cls>", "<eoc>"])}
-    shapes = {"encoder.embedding.weight": (len(tokens), d), "encoder.enc_norm": d,
-              "value_encoder.linear1.weight": (d, 1), "value_encoder.linear1.bias": d,
-              "value_encoder.linear2": (d, d), "value_encoder.norm": d,
-              "decoder.fc.0": (d, d), "decoder.fc.2": (d, d), "decoder.fc.4.weight": (1, d),
-              "decoder.fc.4.bias": 1, "mvc_decoder.gene2query": (d, d),
-              "mvc_decoder.W.weight": (d, d)}
-    for i in range(n_layers):
-        p = f"transformer_encoder.layers.{i}."
-        shapes.update({p + "self_attn.in_proj_weight": (3 * d, d),
-                       p + "self_attn.in_proj_bias": 3 * d, p + "self_attn.out_proj": (d, d),
-                       p + "linear1": (ff, d), p + "linear2": (d, ff), p + "norm1": d,
-                       p + "norm2": d})
-    g = torch.Generator().manual_seed(0)
-    sd = {}
-    for name, shape in shapes.items():
-        if name.endswith((".weight", ".bias", "_weight", "_bias")):
-            names = {name: shape}
-        elif isinstance(shape, int):  # a layer norm
-            names = {f"{name}.weight": shape, f"{name}.bias": shape}
-        else:  # a linear layer
-            names = {f"{name}.weight": shape, f"{name}.bias": shape[0]}
-        for k, sh in names.items():
-            sd[k] = torch.randn(sh, generator=g) * 0.05
-    for k in [k for k in sd if "norm" in k and k.endswith(".weight")]:
-        sd[k] = 1 + sd[k]
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(sd, directory / "best_model.pt")
-    (directory / "vocab.json").write_text(json.dumps(tokens))
-    (directory / "args.json").write_text(json.dumps(
-        dict(nlayers=n_layers, embsize=d, nheads=heads, d_hid=ff, n_layers_cls=3, dropout=0.2,
-             pad_token="<pad>", pad_value=-2, mask_value=-1, n_bins=51, input_style="binned",
-             input_emb_style="continuous", max_seq_len=max_len)))
-    return sd
-
-
 class ScGPTPeer(torch.nn.Module):
     """scGPT's encoder from torch's layers: gene embedding + layer norm, value MLP, torch's
     post-norm ``nn.TransformerEncoder`` on cells padded per batch; the ``<cls>`` state."""
@@ -225,11 +183,13 @@ class ScGPTPeer(torch.nn.Module):
 
 
 def run_scgpt(n_cells: int, adata, *, batch_size: int, device, dtype, rng) -> None:
-    from sclcm.models import import_scgpt
+    from sclcm.models import import_scgpt, write_scgpt_checkpoint
 
     symbols = list(dict.fromkeys(adata.var_names))
+    n_layers, d, heads, ff, _ = SCGPT
     with tempfile.TemporaryDirectory() as tmp:
-        sd = scgpt_checkpoint(symbols, Path(tmp))
+        sd = write_scgpt_checkpoint(tmp, symbols, n_layers=n_layers, d_model=d, n_heads=heads,
+                                    d_ff=ff)
         model = import_scgpt(tmp, normalize=False)
     peer = ScGPTPeer(sd).eval().to(device, dtype)
     model.eval().to(device, dtype)

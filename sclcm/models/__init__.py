@@ -21,7 +21,7 @@ from ._published import (
     register_published,
     unregister_published,
 )
-from ._scgpt import import_scgpt, read_state_dict
+from ._scgpt import import_scgpt, read_state_dict, write_scgpt_checkpoint
 
 __all__ = [
     "ATTENTION_BACKENDS",
@@ -40,4 +40,5 @@ __all__ = [
     "register_attention",
     "register_published",
     "unregister_published",
+    "write_scgpt_checkpoint",
 ]

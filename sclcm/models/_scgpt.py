@@ -328,3 +328,57 @@ def _mask_vector(ours: dict[str, torch.Tensor], mask_value: float,
                  ours[p + "fc2.weight"], ours[p + "fc2.bias"])
     return F.layer_norm(h, h.shape[-1:], ours[p + "norm.weight"], ours[p + "norm.bias"],
                         config.norm_eps)[0]
+
+
+def write_scgpt_checkpoint(directory: str | Path, genes: Sequence[str], *, n_layers: int = 12,
+                           d_model: int = 512, n_heads: int = 8, d_ff: int = 512,
+                           input_style: str = "binned", mvc: bool = True, seed: int = 0,
+                           std: float = 0.05) -> dict[str, torch.Tensor]:
+    """Write a random checkpoint in scGPT's published layout (torch's attention names):
+    ``best_model.pt``, ``vocab.json`` (``genes``, then ``<pad>``, ``<cls>``, ``<eoc>``) and
+    ``args.json``; for trying the import and the tools offline. Returns the state dict.
+
+    The default shape is whole-human's (12 x 512, 8 heads, ``d_hid`` 512).
+    """
+    directory = Path(directory)
+    tokens = {t: i for i, t in enumerate([*dict.fromkeys(genes), "<pad>", "<cls>", "<eoc>"])}
+    d = d_model
+    # name -> (out, in) of a linear layer, or the width of a layer norm
+    layers: dict[str, tuple[int, int] | int] = {
+        "value_encoder.linear1": (d, 1), "value_encoder.linear2": (d, d),
+        "value_encoder.norm": d, "encoder.enc_norm": d, "decoder.fc.0": (d, d),
+        "decoder.fc.2": (d, d), "decoder.fc.4": (1, d), "cls_decoder.out_layer": (1, d)}
+    for j in range(2):  # scGPT's 3-layer ClsDecoder, a one-class placeholder in pretraining
+        layers[f"cls_decoder._decoder.{3 * j}"], layers[f"cls_decoder._decoder.{3 * j + 2}"] = \
+            (d, d), d
+    if mvc:
+        layers["mvc_decoder.gene2query"] = (d, d)
+    for i in range(n_layers):
+        p = f"transformer_encoder.layers.{i}."
+        layers.update({p + "self_attn.out_proj": (d, d), p + "linear1": (d_ff, d),
+                       p + "linear2": (d, d_ff), p + "norm1": d, p + "norm2": d})
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=g) * std
+
+    sd = {"encoder.embedding.weight": rand(len(tokens), d)}
+    for name, shape in layers.items():
+        if isinstance(shape, int):  # layer norm: weights around 1
+            sd[f"{name}.weight"], sd[f"{name}.bias"] = 1 + rand(shape), rand(shape)
+        else:
+            sd[f"{name}.weight"], sd[f"{name}.bias"] = rand(*shape), rand(shape[0])
+    for i in range(n_layers):
+        p = f"transformer_encoder.layers.{i}.self_attn."
+        sd[p + "in_proj_weight"], sd[p + "in_proj_bias"] = rand(3 * d, d), rand(3 * d)
+    if mvc:
+        sd["mvc_decoder.W.weight"] = rand(d, d)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(sd, directory / WEIGHTS)
+    (directory / VOCAB).write_text(json.dumps(tokens))
+    (directory / ARGS).write_text(json.dumps(
+        {"nlayers": n_layers, "embsize": d, "nheads": n_heads, "d_hid": d_ff,
+         "n_layers_cls": 3, "dropout": 0.2, "pad_token": "<pad>", "pad_value": -2,
+         "mask_value": -1, "n_bins": 51, "input_style": input_style,
+         "input_emb_style": "continuous", "max_seq_len": 1200, "MVC": mvc}))
+    return sd
