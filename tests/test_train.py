@@ -340,3 +340,28 @@ def test_two_ranks_train_in_step(tmp_path):
     a, b = (r["cells"] for r in ranks)
     assert len(a) == len(b) == 20  # each rank its half of the 40 cells in epoch 0
     assert not set(a) & set(b)
+
+
+def test_checkpoint_written_before_a_config_field_existed_loads(tmp_path):
+    """A checkpoint's config lacks the fields added after it was written (as that of a run
+    started before scGPT's options existed): it loads with their documented defaults, and
+    the model is the one that was trained."""
+    from sclcm.models import ModelConfig
+    from sclcm.models._io import ADDED_FIELDS
+    from sclcm.train import model_from_checkpoint
+
+    vocab = sclcm.genes.GeneVocab(["CD3E", "CD14", "MS4A1", "NKG7", "LYZ"], species="human")
+    torch.manual_seed(0)
+    model = CellModel(ModelConfig.preset("geneformer", "tiny", vocab=vocab), vocab=vocab)
+    config = model.config.to_dict()
+    added = [k.removeprefix("config.") for k in ADDED_FIELDS[2] if k.startswith("config.")]
+    old = {k: v for k, v in config.items() if k not in added}
+    assert len(old) == len(config) - len(added)
+    path = tmp_path / "old.ckpt"
+    torch.save({"sclcm": {"model_config": old, "vocab": vocab.to_dict()},
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
+    loaded = model_from_checkpoint(str(path))
+    assert loaded.config.to_dict() == config
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name

@@ -56,6 +56,19 @@ ENTRIES = ("format", "format_version", "sclcm_version", "config", "tokenizer", "
 CONFIG, WEIGHTS, VOCAB, TOKENIZER = "config.json", "model.safetensors", "vocab.json", "tokenizer"
 
 
+def added_since(version: int) -> dict[str, Any]:
+    """The entries (``"config.<field>"`` for config fields) that files of format ``version``
+    may lack, with the values that reproduce the models written before them."""
+    return {k: v for old in range(version, FORMAT_VERSION + 1)
+            for k, v in ADDED_FIELDS.get(old, {}).items()}
+
+
+def config_defaults_since(version: int) -> dict[str, Any]:
+    """:func:`added_since`, restricted to config fields (without the ``config.`` prefix)."""
+    return {k.removeprefix("config."): v for k, v in added_since(version).items()
+            if k.startswith("config.")}
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
@@ -157,13 +170,12 @@ def read_meta(directory: Path) -> tuple[dict[str, Any], ModelConfig]:
         msg = (f"{path} has format version {version}, newer than this sclcm reads "
                f"({FORMAT_VERSION}); upgrade sclcm.")
         raise InputError(msg)
-    added = {k: v for old in range(version, FORMAT_VERSION + 1) for k, v in
-             ADDED_FIELDS.get(old, {}).items()}
+    added = added_since(version)
     meta = {**{k: v for k, v in added.items() if "." not in k}, **meta}
     _check_entries(meta, path, version)
     config = ModelConfig.from_dict(
         meta["config"], source=str(path),
-        defaults={k.removeprefix("config."): v for k, v in added.items() if "." in k})
+        defaults=config_defaults_since(version))
     if meta["config_sha256"] is not None and meta["config_sha256"] != config_digest(meta):
         msg = (f"{path} was edited after the model was saved: its entries no longer match "
                "the recorded config_sha256, and a changed field would build another model "

@@ -207,8 +207,11 @@ class PretrainModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # enough to rebuild the model from the checkpoint alone (model_from_checkpoint)
+        from ..models._io import FORMAT_VERSION
+
         vocab = self.model.vocab
         checkpoint["sclcm"] = {"model_config": self.model.config.to_dict(),
+                               "format_version": FORMAT_VERSION,
                                "vocab": vocab.to_dict() if vocab is not None else None}
 
 
@@ -221,6 +224,7 @@ def model_from_checkpoint(path: str, *, map_location: str | torch.device = "cpu"
 
     from ..genes import GeneVocab
     from ..models import CellModel, ModelConfig
+    from ..models._io import config_defaults_since
     from ..tokenizers import load_tokenizer
 
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -229,7 +233,11 @@ def model_from_checkpoint(path: str, *, map_location: str | torch.device = "cpu"
         raise ValueError(msg)
     meta = ckpt["sclcm"]
     vocab = GeneVocab.from_dict(meta["vocab"]) if meta["vocab"] is not None else None
-    model = CellModel(ModelConfig.from_dict(meta["model_config"]), vocab=vocab)
+    # a checkpoint written before a config field existed lacks it: the model it trained is
+    # the one that field's documented default builds (format_version is recorded since then)
+    defaults = config_defaults_since(meta.get("format_version", 1))
+    model = CellModel(ModelConfig.from_dict(meta["model_config"], source=str(path),
+                                            defaults=defaults), vocab=vocab)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()
              if k.startswith("model.")}
     model.load_state_dict(state)
