@@ -200,6 +200,18 @@ def test_models_off_the_hub_say_where_to_get_them_and_take_a_directory(hub, tmp_
                                model.embed(model.tokenizer.tokenize(cells()[:4])), atol=1e-5)
 
 
+def test_scfoundation_by_name_from_a_folder(hub, tmp_path):
+    from test_scfoundation_import import write_checkpoint
+
+    folder = tmp_path / "scf"
+    folder.mkdir()
+    write_checkpoint(folder)
+    (folder / "genes.tsv").rename(folder / "OS_scRNA_gene_index.19264.tsv")
+    model = load("scfoundation-cell", directory=folder)
+    assert model.config.tokenizer == "scfoundation"
+    assert model.config.final_norm
+
+
 def test_unknown_and_unpinned_names(hub):
     with pytest.raises(InputError, match=r"did you mean 'scgpt-human'"):
         load("scgpt-humann")

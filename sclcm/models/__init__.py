@@ -5,7 +5,8 @@
 - :class:`CellModel` (``forward`` on packed tokens, ``embed``, ``save_pretrained``,
   ``from_pretrained``),
 - attention backends (``flash``, ``sdpa``, ``math``) behind :func:`attention`,
-- :func:`import_geneformer` and :func:`import_scgpt` for published checkpoints,
+- :func:`import_geneformer`, :func:`import_scgpt` and :func:`import_scfoundation` (its
+  encoder) for published checkpoints,
 - :func:`published` (the registry) and :func:`load` (by name, through the Hugging Face cache).
 """
 
@@ -21,6 +22,7 @@ from ._published import (
     register_published,
     unregister_published,
 )
+from ._scfoundation import import_scfoundation, scfoundation_cell_embedding
 from ._scgpt import import_scgpt, read_state_dict, write_scgpt_checkpoint
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "PublishedModel",
     "attention",
     "import_geneformer",
+    "import_scfoundation",
     "import_scgpt",
     "load",
     "load_plain_dict",
@@ -39,6 +42,7 @@ __all__ = [
     "read_state_dict",
     "register_attention",
     "register_published",
+    "scfoundation_cell_embedding",
     "unregister_published",
     "write_scgpt_checkpoint",
 ]

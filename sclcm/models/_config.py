@@ -38,7 +38,7 @@ _MINIMUM = {"vocab_size": 0, "n_special_tokens": 0, "pad_id": 0, "mask_id": 0, "
             "n_layers": 1, "d_model": 1, "n_heads": 1, "d_ff": 1, "max_position": 0,
             "type_vocab_size": 0, "n_bins": 0, "decoder_layers": 0, "decoder_d_model": 0,
             "decoder_heads": 0, "decoder_d_ff": 0, "n_classes": 0, "value_head_layers": 2,
-            "classifier_layers": 1, "value_clamp": 0}
+            "classifier_layers": 1, "value_clamp": 0, "autobin_slope": 0}
 _POSITIVE_FLOATS = ("norm_eps", "initializer_range")
 _PROBABILITIES = ("dropout", "attn_dropout")
 
@@ -111,6 +111,9 @@ class ModelConfig:
         Encoder shape.
     norm
         ``"post"`` (BERT, scGPT) or ``"pre"`` (nanoGPT-style) layer norm in the blocks.
+    final_norm
+        A layer norm after the last block of a post-norm stack too (scFoundation's
+        encoder); pre-norm stacks always have one.
     activation
         ``"gelu"``, ``"gelu_tanh"``, ``"relu"`` or ``"silu"``.
     max_position
@@ -127,6 +130,8 @@ class ModelConfig:
         ``"none"`` (Geneformer), ``"category"`` (embedding per bin: scGPT, scBERT),
         ``"continuous"`` (MLP on the value: scGPT's continuous mode) or ``"autobin"``
         (scFoundation's auto-discretization).
+    autobin_slope
+        Negative slope of the leaky ReLU in auto-discretization (scFoundation: 0.1).
     value_clamp
         Values above this enter the value encoder as this (scGPT clamps at 512); 0 for
         no clamp.
@@ -175,6 +180,7 @@ class ModelConfig:
     n_heads: int = 4
     d_ff: int = 512
     norm: Literal["pre", "post"] = "post"
+    final_norm: bool = False
     activation: str = "gelu"
     norm_eps: float = 1e-5
     dropout: float = 0.0
@@ -185,6 +191,7 @@ class ModelConfig:
     gene_norm: bool = False
     value_encoder: str = "none"
     value_clamp: float = 0.0
+    autobin_slope: float = 0.01
     n_bins: int = 0
     objective: str = "mlm"
     value_head_layers: int = 2

@@ -152,7 +152,7 @@ def _entry_files(entry: PublishedModel, *, revision: str | None,
         return _Files(root, _checked(entry, local), None, local)
     if entry.repo_id is None:
         msg = (f"{entry.name!r} is not on the Hugging Face hub: {entry.manual}. Or import the "
-               f"folder directly: sclcm.models.import_{entry.importer}(folder).")
+               f"files directly: sclcm.models.import_{entry.importer}(...).")
         raise InputError(msg)
     if revision is None:
         revision = entry.revision
@@ -343,6 +343,10 @@ def _import(entry: PublishedModel, files: _Files) -> Any:
         from ._scgpt import import_scgpt
 
         return import_scgpt(directory, **entry.options)
+    if entry.importer == "scfoundation":
+        from ._scfoundation import import_scfoundation
+
+        return import_scfoundation(**kwargs, **entry.options)
     from ._model import CellModel
 
     return CellModel.from_pretrained(directory)

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 FORMAT = "sclcm.CellModel"
 #: 2: every config field required, ``config_sha256`` recorded and checked. 3: the options
 #: scGPT's architecture needs (``gene_norm``, ``value_clamp``, ``value_head_layers``,
-#: ``classifier_layers``, ``normalize_embedding``).
-FORMAT_VERSION = 3
+#: ``classifier_layers``, ``normalize_embedding``). 4: scFoundation's (``final_norm``,
+#: ``autobin_slope``).
+FORMAT_VERSION = 4
 #: ``model.safetensors``'s own metadata version: its layout has not changed since format 1
 #: (so that re-saving a model at a new format keeps its weights file byte for byte).
 WEIGHTS_FORMAT_VERSION = 1
@@ -49,6 +50,7 @@ ADDED_FIELDS: dict[int, dict[str, Any]] = {
     2: {"config.gene_norm": False, "config.value_clamp": 0.0,  # scGPT's options came later:
         "config.value_head_layers": 2, "config.classifier_layers": 1,  # before, these
         "config.normalize_embedding": False},
+    3: {"config.final_norm": False, "config.autobin_slope": 0.01},  # scFoundation's options
 }
 #: The top-level entries of ``config.json``.
 ENTRIES = ("format", "format_version", "sclcm_version", "config", "tokenizer", "weights_dtype",

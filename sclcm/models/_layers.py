@@ -58,29 +58,30 @@ class AutoDiscretization(nn.Module):
     """scFoundation's value embedding: a soft assignment of the value to ``n_bins`` learned
     bin vectors, ``softmax(W2 a + alpha a)`` with ``a = leaky_relu(W1 v)``."""
 
-    def __init__(self, n_bins: int, d_model: int, alpha: float = 1.0) -> None:
+    def __init__(self, n_bins: int, d_model: int, alpha: float = 1.0,
+                 slope: float = 0.01) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(1, n_bins), nn.Linear(n_bins, n_bins)
         self.bins = nn.Parameter(torch.empty(n_bins, d_model))
         self.mask = nn.Parameter(torch.zeros(d_model))
-        self.alpha = alpha
+        self.alpha, self.slope = alpha, slope
 
     def forward(self, values_t: torch.Tensor, masked_t: torch.Tensor | None) -> torch.Tensor:
-        a_tb = F.leaky_relu(self.fc1(values_t[:, None]))
+        a_tb = F.leaky_relu(self.fc1(values_t[:, None]), self.slope)
         w_tb = (self.fc2(a_tb) + self.alpha * a_tb).softmax(-1)
         x_td = w_tb @ self.bins
         return x_td if masked_t is None else torch.where(masked_t[:, None], self.mask, x_td)
 
 
 def value_encoder(kind: str, *, n_bins: int, d_model: int, eps: float,
-                  clamp: float = 0.0) -> nn.Module | None:
+                  clamp: float = 0.0, slope: float = 0.01) -> nn.Module | None:
     if kind == "none":
         return None
     if kind == "category":
         return CategoryValueEncoder(n_bins, d_model)
     if kind == "continuous":
         return ContinuousValueEncoder(d_model, eps, clamp)
-    return AutoDiscretization(n_bins, d_model)
+    return AutoDiscretization(n_bins, d_model, slope=slope)
 
 
 class Embeddings(nn.Module):
@@ -95,7 +96,8 @@ class Embeddings(nn.Module):
         # scGPT norms the gene embedding alone, before the value is added
         self.gene_norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.gene_norm else None
         self.values = value_encoder(cfg.value_encoder, n_bins=cfg.n_bins, d_model=d,
-                                    eps=cfg.norm_eps, clamp=cfg.value_clamp)
+                                    eps=cfg.norm_eps, clamp=cfg.value_clamp,
+                                    slope=cfg.autobin_slope)
         self.depth = nn.Embedding(2, d) if cfg.depth_tokens else None
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps) if cfg.embed_norm else nn.Identity()
         self.drop = nn.Dropout(cfg.dropout)

@@ -81,13 +81,14 @@ class Block(nn.Module):
 
 
 class Stack(nn.Module):
-    """Blocks plus the final layer norm of pre-norm models."""
+    """Blocks plus the final layer norm of pre-norm models (and of ``final_norm`` ones)."""
 
     def __init__(self, n_layers: int, d_model: int, n_heads: int, d_ff: int,
                  cfg: ModelConfig) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, cfg) for _ in range(n_layers))
-        self.ln_f = nn.LayerNorm(d_model, eps=cfg.norm_eps) if cfg.norm == "pre" else None
+        self.ln_f = nn.LayerNorm(d_model, eps=cfg.norm_eps) \
+            if cfg.norm == "pre" or cfg.final_norm else None
 
     def forward(self, x_td: torch.Tensor, packing: Packing, keep: Collection[int] = (),
                 upto: int | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

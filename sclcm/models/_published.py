@@ -23,7 +23,7 @@ from ._config import did_you_mean
 if TYPE_CHECKING:
     import pandas as pd
 
-IMPORTERS = ("sclcm", "geneformer", "scgpt")
+IMPORTERS = ("sclcm", "geneformer", "scgpt", "scfoundation")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -40,7 +40,8 @@ class PublishedModel:
         What the table shows: the model's own name, the sclcm family, its size, its
         licence and where it is described.
     importer
-        ``"sclcm"`` (a ``save_pretrained`` directory), ``"geneformer"`` or ``"scgpt"``.
+        ``"sclcm"`` (a ``save_pretrained`` directory), ``"geneformer"``, ``"scgpt"`` or
+        ``"scfoundation"``.
     repo_id, revision
         The hub repository and the commit (40 hex digits) its files are taken at;
         ``repo_id=None`` for a model that is not on the hub.
@@ -99,6 +100,7 @@ _GF_SOURCE = "https://huggingface.co/ctheodoris/Geneformer"
 _GF = dict(family="geneformer", licence="Apache-2.0", source=_GF_SOURCE, importer="geneformer",
            repo_id="ctheodoris/Geneformer")
 _SCGPT_ZOO = "https://github.com/bowang-lab/scGPT#pretrained-scgpt-model-zoo"
+_SCF_REPO = "https://github.com/biomap-research/scFoundation"
 
 
 def _geneformer(name: str, model: str, parameters: str, folder: str, corpus: str
@@ -127,6 +129,18 @@ _REGISTRY: dict[str, PublishedModel] = {m.name: m for m in (
         manual=(f"download the 'whole-human' folder (best_model.pt, args.json, vocab.json) of "
                 f"the scGPT model zoo ({_SCGPT_ZOO}), then call "
                 "sclcm.models.load('scgpt-human', directory=<that folder>)")),
+    PublishedModel(
+        name="scfoundation-cell", model="scFoundation 100M (cell embedding)",
+        family="scfoundation", parameters="100M", licence="see source",
+        source=_SCF_REPO, importer="scfoundation",
+        sha256=dict.fromkeys(["models.ckpt", "OS_scRNA_gene_index.19264.tsv"]),
+        file_options={"checkpoint": "models.ckpt",
+                      "gene_list": "OS_scRNA_gene_index.19264.tsv"},
+        options={"key": "cell"},
+        manual=(f"download models.ckpt (the model weights linked from {_SCF_REPO}) and "
+                "OS_scRNA_gene_index.19264.tsv (in that repository) into one folder, then call "
+                "sclcm.models.load('scfoundation-cell', directory=<that folder>); sclcm builds "
+                "its encoder (cell and gene embeddings), not its Performer decoder")),
 )}
 
 
