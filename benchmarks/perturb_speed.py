@@ -29,10 +29,13 @@ Cells are cut to ``--max-len`` tokens (default 64: ``<cls>``, the cell's 62 top-
 genes, ``<eos>``), because deleting each of a cell's ~850 genes costs ~850 forward passes
 of ~850 tokens, too many for a CPU; the work per copy grows with the length on both sides.
 ``--model DIR`` times a saved sclcm model instead (no transformers reference then). Needs
-``transformers`` (the ``test`` extra).
+``transformers`` (the ``test`` extra). ``--device cuda`` runs both sides on the GPU (float32
+and bf16 autocast; the reference loop then leaves the GPU mostly idle, which is what packing
+avoids); ``--json PATH`` writes the figures there too.
 
     python benchmarks/perturb_speed.py [--cells 200] [--max-len 64] [--ref-copies 600]
                                        [--repeats 2] [--threads N] [--model DIR]
+                                       [--device cpu|cuda] [--json PATH]
 """
 
 from __future__ import annotations
@@ -98,10 +101,10 @@ def model_and_cells(args, workdir: Path):
     rows = np.sort(np.random.default_rng(0).choice(adata.n_obs, args.cells, replace=False))
     hf = None
     if args.model:
-        model = sclcm.tl.get_model(args.model, device="cpu")
+        model = sclcm.tl.get_model(args.model, device=args.device)
     else:
-        hf = write_geneformer(adata, workdir)
-        model = import_geneformer(workdir)
+        hf = write_geneformer(adata, workdir).to(args.device)
+        model = import_geneformer(workdir).to(args.device)
     old = model.tokenizer
     tok = GeneformerTokenizer(old.vocab, old.medians, max_len=args.max_len,
                               special_tokens=old.special_tokens)
@@ -113,7 +116,7 @@ def model_and_cells(args, workdir: Path):
 def _hf_embedding(hf, ids: list[int], n_special: int) -> torch.Tensor:
     """What the published tool runs per copy: ``BertForMaskedLM`` with hidden states (and
     so the logits over the vocabulary), then the mean over the gene tokens."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=hf.device)
     out = hf(input_ids=x, attention_mask=torch.ones_like(x), output_hidden_states=True)
     return out.hidden_states[-1][0, x[0] >= n_special].mean(0, keepdim=True)
 
@@ -146,18 +149,27 @@ def reference(model: CellModel, batch: TokenBatch, max_copies: int, *, heads: bo
             F.cosine_similarity(o, p)
             done += 1
             if done == max_copies:
-                return done, time.perf_counter() - start
-    return done, time.perf_counter() - start
+                return done, _since(start)
+    return done, _since(start)
+
+
+def _since(start: float) -> float:
+    """Seconds since ``start``, once the GPU (if used) has finished what was queued."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _sclcm(adata: ad.AnnData, model: CellModel, precision: str, n_copies: int
            ) -> tuple[float, ad.AnnData]:
     """sclcm.tl.perturb end to end; returns (copies per second, the AnnData with results)."""
-    sclcm.tl.perturb(adata[:2].copy(), "all", model=model, n_null=2, precision=precision)
+    device = next(model.parameters()).device
+    sclcm.tl.perturb(adata[:2].copy(), "all", model=model, n_null=2, precision=precision,
+                     device=device)
     adata = adata.copy()
     start = time.perf_counter()
-    sclcm.tl.perturb(adata, "all", model=model, n_null=10, precision=precision)
-    seconds = time.perf_counter() - start
+    sclcm.tl.perturb(adata, "all", model=model, n_null=10, precision=precision, device=device)
+    seconds = time.perf_counter() - start  # perturb returns results on the host: synchronized
     done = int(np.isfinite(adata.obsm["sclcm_perturb"]).sum())
     assert done == n_copies, (done, n_copies)
     return n_copies / seconds, adata
@@ -195,7 +207,12 @@ def main() -> None:
                    help="runs of each measurement, interleaved; the best counts (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--model", help="a saved Geneformer-family model (default: random weights)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where both sides run (default cpu)")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here.")
     if args.threads:
         torch.set_num_threads(args.threads)
     sclcm.settings.verbosity, sclcm.settings.progress = "warning", False
@@ -205,13 +222,15 @@ def main() -> None:
     batch = model.tokenizer.encode(adata.X, model.tokenizer.column_map(adata))
     n_copies = int((batch.gene_ids >= cfg.n_special_tokens).sum())
     load = os.getloadavg()[0]
-    bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    cuda = args.device == "cuda"
+    bf16 = cuda or torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     weights = "weights from " + args.model if args.model else "random weights"
+    where = (f"CUDA ({torch.cuda.get_device_name()})" if cuda else
+             f"CPU ({torch.backends.cpu.get_cpu_capability()}, native bf16: "
+             f"{'yes' if bf16 else 'no'})")
     print(f"model: geneformer {cfg.n_layers} layers x {cfg.d_model}, {cfg.n_heads} heads, "
-          f"{cfg.vocab_size} tokens ({weights}); "
-          f"CPU ({torch.backends.cpu.get_cpu_capability()}, native bf16: "
-          f"{'yes' if bf16 else 'no'}), {torch.get_num_threads()} torch thread(s), load "
-          f"average {load:.1f} on {os.cpu_count()} cores")
+          f"{cfg.vocab_size} tokens ({weights}); {where}, {torch.get_num_threads()} torch "
+          f"thread(s), load average {load:.1f} on {os.cpu_count()} cores")
     print(f"cells: {batch.n_cells} pbmc3k cells cut to --max-len {args.max_len} tokens "
           f"(mean {batch.lengths.mean():.1f}); genes='all', mode='delete': {n_copies} "
           f"perturbed copies")
@@ -240,7 +259,8 @@ def main() -> None:
             rate, results[precision] = _sclcm(adata, model, precision, n_copies)
             rates[precision].append(rate)
         for i, (_, ref_hf, precision) in enumerate(refs):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            with torch.autocast(args.device, dtype=torch.bfloat16,
+                                enabled=precision == "bfloat16"):
                 reference(model, batch[:1], 5, hf=ref_hf)  # warm up
                 ref_k, t = reference(model, batch, args.ref_copies, hf=ref_hf)
             ref_rates[i].append(ref_k / t)
@@ -263,6 +283,17 @@ def main() -> None:
               f"{n_copies / ref_rate:.0f} s")
         print("    speed-up of sclcm: " + ", ".join(
             f"{max(r) / ref_rate:.1f}x ({name})" for name, r in rates.items()))
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps({
+            "device": args.device, "cells": batch.n_cells, "max_len": args.max_len,
+            "copies": n_copies, "ref_copies": ref_k,
+            "sclcm": {p: max(r) for p, r in rates.items()},
+            "references": [{"name": what.split(" (")[0], "copies_per_s": max(runs),
+                            "transformers": ref_hf is not None, "precision": prec}
+                           for (what, ref_hf, prec), runs in zip(refs, ref_rates,
+                                                                 strict=True)]}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python benchmarks/pretrain.py [--data DIR] [--block-size 1024] [--workers 0]
                                   [--device cpu|cuda] [--train-cells N] [--max-tokens N]
-                                  [--peak-tflops 989] [--skip-streams]
+                                  [--peak-tflops 989] [--skip-streams] [--size SIZE]
+                                  [--stream-files GLOB ...] [--json PATH]
 
 Stream part: writes a local Census of every dataset in the shared data folder into a
 temporary directory, and the same human cells (the Census's genes, Ensembl IDs) as one
@@ -39,6 +40,10 @@ for forward + backward), N_head those of the MLM head (only the M masked tokens)
 attention scores and weighted sums (4 d len FLOPs per token and layer forward, x3) over
 each cell's own len_c tokens (attention never crosses cells); embeddings and norms are left
 out, as is usual.
+
+``--size tiny``, ``--stream-files`` (which of the data folder's files go into the local
+Census) and a few ``--train-cells`` make a quick check of the same path
+(``benchmarks/gpu.py --dry-run``); ``--json PATH`` writes the figures there too.
 """
 
 from __future__ import annotations
@@ -139,16 +144,22 @@ def torch_varlen_attention(q_thd, k_thd, v_thd, packing, *, scale, dropout=0.0):
                        scale=scale)
 
 
-def cuda_backend() -> str:
-    """flash-attn if it imports, else torch's varlen flash kernel, else per-bucket sdpa."""
+def cuda_backend(choice: str | None = None) -> str:
+    """``choice``, or by default flash-attn if it imports, else torch's varlen flash kernel,
+    else per-bucket sdpa."""
     from sclcm.models import register_attention
     from sclcm.models._attention import flash_attn_varlen_func
 
-    if flash_attn_varlen_func is not None:
+    if choice in ("flash", "sdpa"):
+        return choice
+    if choice is None and flash_attn_varlen_func is not None:
         return "flash"
     try:
         import torch.nn.attention.varlen  # noqa: F401  (torch >= 2.9)
     except ImportError:
+        if choice is not None:
+            raise SystemExit("--backend torch_varlen: this torch has no torch.nn.attention."
+                             "varlen (torch >= 2.9).") from None
         return "sdpa"
     register_attention("torch_varlen", torch_varlen_attention)
     return "torch_varlen"
@@ -188,13 +199,16 @@ def train_rates(model, variants: dict, *, device, dtype, warmup: int = 2) -> dic
                 s["seconds"] += time.perf_counter() - start
                 s["tokens"] += int(lengths.sum())
                 s["cells"] += batch.n_cells
-                s["flops"] += training_flops(model, int(lengths.sum()), int(parts["n"]),
-                                             lengths)
+                # terms are {name: (sum, count)}; the token objective's count is the masked
+                # tokens, the ones the MLM head runs on
+                s["flops"] += training_flops(model, int(lengths.sum()),
+                                             int(parts["objective"][1]), lengths)
     return stats
 
 
-def training_benchmark(args, tokenizer) -> float:
-    """Print training throughput of packed vs padded batches; return packed cells/s."""
+def training_benchmark(args, tokenizer, report: dict) -> float:
+    """Print training throughput of packed vs padded batches (also into ``report``); return
+    packed cells/s."""
     import anndata as ad
     import numpy as np
     import torch
@@ -206,8 +220,8 @@ def training_benchmark(args, tokenizer) -> float:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here.")
     device = torch.device(args.device)
-    size = "base" if cuda else "small"
-    backend = cuda_backend() if cuda else "sdpa"
+    size = args.size or ("base" if cuda else "small")
+    backend = cuda_backend(args.backend) if cuda else "sdpa"
     dtype = torch.bfloat16 if cuda else torch.float32
     n_cells = args.train_cells or (2048 if cuda else 48)
     max_tokens = args.max_tokens or (32_768 if cuda else 8_192)
@@ -216,10 +230,15 @@ def training_benchmark(args, tokenizer) -> float:
     rows = np.random.default_rng(0).choice(pbmc.n_obs, n_cells, replace=False)
     cells = tokenizer.tokenize(pbmc[np.sort(rows)])  # in file order: the stream's order
     vocab = tokenizer.vocab
+    # ModelConfig admits only the built-in backend names; a registered one (torch_varlen) is
+    # set on the built model, which reads it at every forward pass.
     config = ModelConfig.preset("geneformer", size, vocab=vocab, max_position=tokenizer.max_len,
-                                dropout=0.0, attn_dropout=0.0, attn_implementation=backend)
+                                dropout=0.0, attn_dropout=0.0,
+                                attn_implementation="auto" if backend == "torch_varlen"
+                                else backend)
     torch.manual_seed(0)
     model = CellModel(config, vocab=vocab).to(device)
+    model.config.attn_implementation = backend
     packed = [(MicroBatch(b, 0, i), b.lengths) for i, b in enumerate(
         micro_batches(cells, max_tokens, rng=np.random.default_rng(0)))]
     padded = [(MicroBatch(b, 0, i), lengths) for i, (b, lengths) in enumerate(
@@ -238,12 +257,22 @@ def training_benchmark(args, tokenizer) -> float:
                         device=device, dtype=dtype)
     print(f"  {'batches':<44} {'tokens/s':>10} {'cells/s':>9}" + ("   MFU" if cuda else ""))
     rates = {}
+    report["training"] = {"device": device.type, "dtype": str(dtype).removeprefix("torch."),
+                          "size": size, "backend": backend, "cells": cells.n_cells,
+                          "tokens": cells.n_tokens, "max_tokens": max_tokens,
+                          "parameters": model.get_num_params(),
+                          "peak_tflops": args.peak_tflops, "variants": {}}
     for name, s in stats.items():
         rates[name] = s["cells"] / s["seconds"]
-        mfu = f" {s['flops'] / s['seconds'] / (args.peak_tflops * 1e12):6.1%}" if cuda else ""
-        print(f"  {name:<44} {s['tokens'] / s['seconds']:>10,.0f} {rates[name]:>9.2f}{mfu}")
+        mfu = s["flops"] / s["seconds"] / (args.peak_tflops * 1e12)
+        report["training"]["variants"][name] = {
+            "tokens_per_s": s["tokens"] / s["seconds"], "cells_per_s": rates[name],
+            "mfu": mfu if cuda else None, **s}
+        print(f"  {name:<44} {s['tokens'] / s['seconds']:>10,.0f} {rates[name]:>9.2f}"
+              + (f" {mfu:6.1%}" if cuda else ""))
     first, second = list(stats.values())
     speed = (first["tokens"] / first["seconds"]) / (second["tokens"] / second["seconds"])
+    report["training"]["packed_over_padded"] = speed
     print(f"  packed / padded: {speed:.2f}x the real tokens per second")
     if cuda:
         print(f"  MFU = model FLOPs/s / {args.peak_tflops:g} TFLOP/s peak (FLOPs: 6 N_enc T + 6 "
@@ -279,6 +308,14 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="peak dense bf16 TFLOP/s of the GPU, for MFU (H100 SXM: 989)")
     parser.add_argument("--skip-streams", action="store_true", help="training part only")
+    parser.add_argument("--size", choices=("tiny", "small", "base"),
+                        help="model shape trained (default: base on CUDA, small on CPU)")
+    parser.add_argument("--stream-files", nargs="+", default=["*.h5ad"], metavar="GLOB",
+                        help="files of --data written into the local Census (default: all)")
+    parser.add_argument("--backend", choices=("flash", "torch_varlen", "sdpa"),
+                        help="attention on CUDA (default: flash-attn, else torch's varlen "
+                        "kernel, else sdpa)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: torch's); on a machine shared with "
                         "other jobs, 1 avoids OpenMP threads spinning against them")
@@ -294,22 +331,30 @@ def main() -> None:
     if not (args.data / PBMC3K).exists():
         raise SystemExit(f"No {PBMC3K} in {args.data}; pass --data or set SCLCM_DATA.")
     tokenizer = geneformer_tokenizer(args.data, 4096 if args.device == "cuda" else 2048)
-    stream_rates = {} if args.skip_streams else streams_benchmark(args, tokenizer)
-    train = training_benchmark(args, tokenizer)
+    report: dict = {}
+    stream_rates = {} if args.skip_streams else streams_benchmark(args, tokenizer, report)
+    train = training_benchmark(args, tokenizer, report)
     if stream_rates:
         print(f"\nstream / training (tokenized stream cells/s / packed training cells/s on "
               f"{args.device}; the issue asks for >= 5):")
         for name, rate in stream_rates.items():
             print(f"  {name:<45} {rate / train:>10,.0f}x")
+        report["stream_over_training"] = {k: r / train for k, r in stream_rates.items()}
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps(report, indent=1))
 
 
-def streams_benchmark(args, tokenizer) -> dict[str, float]:
-    """Print the streams' rates, raw and tokenized; return the tokenized epoch-1 rates."""
+def streams_benchmark(args, tokenizer, report: dict) -> dict[str, float]:
+    """Print the streams' rates, raw and tokenized (also into ``report``); return the
+    tokenized epoch-1 rates."""
     import cellxgene_census
 
     from sclcm.data import AnnDataStream, CensusStream, write_local_census
 
-    files = sorted(args.data.glob("*.h5ad"))
+    files = sorted({f for pattern in args.stream_files for f in args.data.glob(pattern)})
+    report["streams"] = {}
     tokenized = {}
     with tempfile.TemporaryDirectory(prefix="sclcm_bench_") as tmp:
         start = time.perf_counter()
@@ -338,6 +383,8 @@ def streams_benchmark(args, tokenizer) -> dict[str, float]:
                 source = Loader(s, args.workers) if args.workers else s
                 for epoch, (n, rate) in enumerate(stream_rate(source)):
                     print(f"{label:<45} {epoch:>5} {n:>8} {rate:>10,.0f}")
+                    kind = "tokenized" if s is not stream else "raw"
+                    report["streams"].setdefault(name, {})[f"{kind}_epoch{epoch}"] = rate
                 if s is not stream:
                     tokenized[name] = rate  # epoch 1: the steady state
                 del source  # stop its persistent workers before the next stream's start
