@@ -20,6 +20,7 @@ from ._batching import MicroBatch, group_by_length, micro_batches, split_further
 from ._cell_objectives import PanelTargets, choose_panel, info_nce, reconstruction_loss
 from ._config import ConfigError, ObjectivesConfig, PretrainConfig, load_config
 from ._datamodule import PretrainDataModule
+from ._finetune import FinetuneModule, finetune, load_classifier, load_labels, save_labels
 from ._module import (
     NonFiniteLossError,
     PretrainModule,
@@ -32,6 +33,7 @@ from ._run import pretrain
 
 __all__ = [
     "ConfigError",
+    "FinetuneModule",
     "FrequencyBaseline",
     "MicroBatch",
     "MicroBatchLoader",
@@ -45,14 +47,18 @@ __all__ = [
     "batch_terms",
     "choose_panel",
     "evaluate",
+    "finetune",
     "group_by_length",
     "info_nce",
+    "load_classifier",
     "load_config",
+    "load_labels",
     "masked_losses",
     "micro_batches",
     "model_from_checkpoint",
     "pretrain",
     "reconstruction_loss",
+    "save_labels",
     "split_further",
     "total_loss",
 ]

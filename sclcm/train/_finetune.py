@@ -1,0 +1,434 @@
+"""``finetune(adata, label_key)``: a cell-type classifier on a model's pooled cell embedding.
+
+The classification head (:class:`~sclcm.models._layers.ClassifierHead`, built by
+``ModelConfig(n_classes=...)``) is trained with the encoder, or with its lower blocks
+frozen, by Lightning on token-budget micro-batches. The model's config has no field for
+the class names, so they are kept on the model (``model.labels``) and written beside the
+weights as ``labels.json`` (:func:`save_labels` / :func:`load_labels`).
+"""
+
+from __future__ import annotations
+
+import copy as copy_
+import dataclasses
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import logging as logg
+from .._checks import InputError
+from ._batching import MicroBatch, micro_batches
+from ._module import WarmupCosine, step_seed
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from anndata import AnnData
+
+    from ..models import CellModel
+    from ..tokenizers import TokenBatch
+
+#: Written beside ``config.json`` by :func:`save_labels`.
+LABELS_FILE = "labels.json"
+#: Fewest cells of a class that a stratified split can both train on and validate.
+MIN_CELLS_PER_CLASS = 5
+#: Padded tokens per training micro-batch.
+MAX_TOKENS = 16_384
+
+
+def save_labels(directory: str | Path, labels: Sequence[str], *,
+                info: dict[str, Any] | None = None) -> None:
+    """Write the class names (in the head's output order) and ``info`` (label key, metrics,
+    gene coverage) to ``directory/labels.json``."""
+    record = {"labels": [str(x) for x in labels], **(info or {})}
+    (Path(directory) / LABELS_FILE).write_text(json.dumps(record, indent=2))
+
+
+def load_labels(directory: str | Path) -> list[str]:
+    """The class names :func:`save_labels` wrote for a fine-tuned model directory."""
+    path = Path(directory) / LABELS_FILE
+    if not path.is_file():
+        msg = (f"{directory} holds no {LABELS_FILE}: it is not a fine-tuned classifier. "
+               "Fine-tune one with sclcm.train.finetune(adata, label_key, out_dir=...).")
+        raise InputError(msg)
+    return list(json.loads(path.read_text())["labels"])
+
+
+def load_classifier(directory: str | Path, *, device: str | torch.device | None = None
+                    ) -> CellModel:
+    """A fine-tuned model directory as a :class:`~sclcm.models.CellModel` with its
+    ``labels`` attribute set (what :func:`sclcm.tl.annotate` reads)."""
+    from ..models import CellModel
+
+    model = CellModel.from_pretrained(directory, device=device)
+    labels = load_labels(directory)
+    if model.classifier is None or model.config.n_classes != len(labels):
+        msg = (f"{directory}: {LABELS_FILE} names {len(labels)} classes but the model's head "
+               f"has {model.config.n_classes}; restore the directory as finetune wrote it.")
+        raise InputError(msg)
+    model.labels = labels
+    return model
+
+
+def class_logits(model: CellModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head's logits for a forward pass of ``inputs``, skipping the pretraining heads
+    (an MLM head over the whole vocabulary per token would cost more than the encoder)."""
+    if model.config.normalize_embedding:  # the head reads the embedding before the norm
+        return model(**inputs)["class_logits"]
+    return model.classifier(model(**inputs, heads=False)["cell_embedding"])
+
+
+class FinetuneModule(L.LightningModule):
+    """Cross-entropy of the classification head (class-weighted), AdamW with warmup and
+    cosine decay; validation macro-F1 and accuracy, the best weights kept in memory.
+
+    Logged: ``train/loss``, ``train/lr``, ``val/loss``, ``val/accuracy``, ``val/macro_f1``.
+    """
+
+    def __init__(self, model: CellModel, labels: np.ndarray, *, class_weights: np.ndarray | None,
+                 lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
+                 seed: int) -> None:
+        super().__init__()
+        self.model = model
+        self.labels = torch.as_tensor(labels, dtype=torch.long)  # per reference row
+        self.register_buffer("class_weights", None if class_weights is None else
+                             torch.as_tensor(class_weights, dtype=torch.float32))
+        self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
+        self.warmup_steps, self.max_steps = warmup_steps, max_steps
+        self.best_f1, self.best_step, self.best_state = -1.0, -1, None
+        self.history: list[dict[str, float]] = []
+        self._val: list[tuple[np.ndarray, np.ndarray, float]] = []
+
+    def _loss(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inputs = self.model.inputs(batch.tokens, device=self.device)
+        logits = class_logits(self.model, inputs).float()
+        y = self.labels[torch.from_numpy(batch.tokens.cell_index)].to(self.device)
+        return F.cross_entropy(logits, y, weight=self.class_weights), logits, y
+
+    def training_step(self, batch: MicroBatch, batch_idx: int) -> torch.Tensor:
+        torch.manual_seed(step_seed(self.seed, self.global_step))  # dropout, reproducible
+        loss, _, _ = self._loss(batch)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.n_cells)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"],
+                 batch_size=batch.n_cells)
+        return loss
+
+    def validation_step(self, batch: MicroBatch, batch_idx: int) -> None:
+        loss, logits, y = self._loss(batch)
+        self._val.append((logits.argmax(1).cpu().numpy(), y.cpu().numpy(),
+                          float(loss) * batch.n_cells))
+
+    def on_validation_epoch_end(self) -> None:
+        from sklearn.metrics import f1_score
+
+        if not self._val:
+            return
+        pred = np.concatenate([v[0] for v in self._val])
+        true = np.concatenate([v[1] for v in self._val])
+        loss = sum(v[2] for v in self._val) / len(true)
+        self._val.clear()
+        f1 = float(f1_score(true, pred, average="macro", labels=np.unique(true),
+                            zero_division=0))
+        acc = float((pred == true).mean())
+        self.log_dict({"val/loss": loss, "val/accuracy": acc, "val/macro_f1": f1},
+                      prog_bar=True)
+        self.history.append({"step": int(self.global_step), "val_loss": loss,
+                             "val_accuracy": acc, "val_macro_f1": f1})
+        if f1 > self.best_f1 and not self.trainer.sanity_checking:
+            self.best_f1, self.best_step = f1, int(self.global_step)
+            self.best_state = {k: v.detach().cpu().clone()
+                               for k, v in self.model.state_dict().items()}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]}
+                  for g in self.model.param_groups(self.weight_decay)]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, WarmupCosine(self.warmup_steps, self.max_steps, 0.1))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class _Cells(torch.utils.data.IterableDataset):
+    """Micro-batches of ``tokens``: reshuffled every pass (``train``), or in a fixed order."""
+
+    def __init__(self, tokens: TokenBatch, *, max_tokens: int, train: bool, seed: int,
+                 block: int = 1024) -> None:
+        super().__init__()
+        self.tokens, self.max_tokens, self.train = tokens, max_tokens, train
+        self.seed, self.block = seed, block
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        epoch = 0
+        while True:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(self.tokens.n_cells) if self.train else \
+                np.arange(self.tokens.n_cells)
+            index = 0
+            for i in range(0, len(order), self.block):
+                block = self.tokens.select(order[i:i + self.block])
+                for mb in micro_batches(block, self.max_tokens,
+                                        rng=rng if self.train else None):
+                    yield MicroBatch(mb, epoch, index)
+                    index += 1
+            if not self.train:
+                return
+            epoch += 1
+
+
+def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str | None = None,
+             layer: str | None = None, freeze_layers: int = 0, max_steps: int = 500,
+             lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int | None = None,
+             class_weights: bool = True, val_fraction: float = 0.2, val_every: int | None = None,
+             max_tokens: int = MAX_TOKENS, classifier_layers: int | None = None,
+             out_dir: str | Path | None = None, accelerator: str = "auto",
+             precision: str = "auto", progress_bar: bool = True, seed: int = 0) -> CellModel:
+    """Fine-tune a classification head (and the encoder) on labelled cells.
+
+    Parameters
+    ----------
+    adata
+        The labelled reference: counts in ``X`` or ``layer``, labels in
+        ``obs[label_key]``; in memory or ``backed="r"``. It is not modified.
+    label_key
+        The ``obs`` column of labels. Cells whose label is NaN are left out (a warning
+        counts them).
+    model
+        The starting model: a shipped name, a model directory, a
+        :class:`~sclcm.models.CellModel` (copied, not changed), ``None`` for the default
+        shipped model. A new head replaces any it had.
+    groupby
+        An ``obs`` column (donor, batch): whole groups are held out for validation, so
+        that the best step is the one that generalizes to new donors. ``None``: a split
+        stratified by label.
+    freeze_layers
+        Freeze the token embeddings and the lowest ``freeze_layers`` encoder blocks
+        (0: train everything).
+    max_steps, lr, weight_decay, warmup_steps
+        AdamW optimizer steps, peak learning rate (cosine decay to a tenth), weight decay
+        on matrices, linear warmup (default a tenth of ``max_steps``).
+    class_weights
+        Weight the loss by inverse class frequency (``n / (k * n_class)``), so rare types
+        count as much as common ones.
+    val_fraction
+        Share of the labelled cells (or, with ``groupby``, at least that share, in whole
+        groups) held out for validation.
+    val_every
+        Validate every this many steps (default ``max_steps // 10``, at least 1).
+    max_tokens
+        Padded tokens per micro-batch (cells grouped by length).
+    classifier_layers
+        Layers of the head (default: the model config's).
+    out_dir
+        Where to save the model (``save_pretrained``), ``labels.json`` and
+        ``metrics.json``; ``None`` saves nothing.
+    accelerator, precision
+        Lightning's; ``precision="auto"``: bf16 mixed on a GPU, 32-bit elsewhere.
+    progress_bar
+        Lightning's progress bar.
+    seed
+        Seeds the split, the initial head, the order of the cells and dropout.
+
+    Returns
+    -------
+    The fine-tuned :class:`~sclcm.models.CellModel`, with the weights of its best
+    validation macro-F1, its tokenizer, and ``labels`` (class names in the head's order)
+    and ``finetune_metrics`` attributes.
+
+    Raises
+    ------
+    sclcm.InputError
+        ``label_key`` or ``groupby`` missing, all labels NaN, fewer than two classes, a
+        class with fewer than :data:`MIN_CELLS_PER_CLASS` cells (named), a split that
+        leaves a class out of training, or no gene of the model's vocabulary.
+    """
+    from ..models import CellModel
+    from ..tl._cells import CellTokens, check_tool_input
+    from ..tl._model_ref import get_model
+    from ._run import quiet_lightning, resolve_precision
+
+    codes, classes, groups = _check_labels(adata, label_key, groupby, layer)
+    check_tool_input(adata, layer)
+    if not 0 < val_fraction < 1:
+        msg = f"val_fraction must be between 0 and 1 (exclusive), not {val_fraction!r}."
+        raise ValueError(msg)
+    if max_steps < 1:
+        msg = f"max_steps must be a positive number of optimizer steps, not {max_steps!r}."
+        raise ValueError(msg)
+    base = get_model(model)  # a CellModel stays where it is: its weights are copied
+    if not 0 <= freeze_layers <= base.config.n_layers:
+        msg = (f"freeze_layers must be between 0 and the model's {base.config.n_layers} "
+               f"blocks, not {freeze_layers!r}.")
+        raise ValueError(msg)
+    train_rows, val_rows = _split(codes, classes, groups, val_fraction, seed)
+
+    start = logg.info(f"fine-tuning on {len(train_rows)} cells ({len(val_rows)} validation), "
+                      f"{len(classes)} classes of obs[{label_key!r}]")
+    cells = CellTokens.prepare(adata, base.tokenizer, layer=layer)
+    tokens, n_empty = _tokens(cells, np.flatnonzero(codes >= 0))
+    if n_empty:
+        logg.warning(f"{n_empty} labelled cells have no count on the model's genes: left out.")
+    cells.warn_low_coverage()
+    in_train = np.isin(tokens.cell_index, train_rows)
+    train_tok = tokens.select(np.flatnonzero(in_train))
+    val_tok = tokens.select(np.flatnonzero(~in_train))
+
+    torch.manual_seed(seed)  # the new head's initial weights
+    cfg = dataclasses.replace(base.config, n_classes=len(classes), **(
+        {} if classifier_layers is None else {"classifier_layers": classifier_layers}))
+    net = CellModel(cfg, vocab=base.vocab, tokenizer=base.tokenizer)
+    state = {k: v for k, v in copy_.deepcopy(base.state_dict()).items()
+             if not k.startswith("classifier.")}
+    net.load_state_dict(state, strict=False)
+    net.tie_weights()
+    _freeze(net, freeze_layers)
+
+    weights = None
+    if class_weights:
+        n_c = np.bincount(codes[train_rows], minlength=len(classes)).astype(np.float64)
+        weights = len(train_rows) / (len(classes) * np.maximum(n_c, 1))
+    module = FinetuneModule(net, np.where(codes >= 0, codes, 0), class_weights=weights,
+                            lr=lr, weight_decay=weight_decay,
+                            warmup_steps=max_steps // 10 if warmup_steps is None else
+                            warmup_steps, max_steps=max_steps, seed=seed)
+    quiet_lightning()
+    every = max(1, max_steps // 10) if val_every is None else int(val_every)
+    trainer = L.Trainer(max_steps=max_steps, max_epochs=-1, val_check_interval=every,
+                        check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                        accelerator=accelerator, devices=1,
+                        precision=resolve_precision(precision, accelerator),
+                        logger=False, enable_checkpointing=False,
+                        enable_progress_bar=progress_bar, enable_model_summary=False,
+                        gradient_clip_val=1.0)
+    loader = dict(batch_size=None, num_workers=0)  # tokens are in memory: no workers
+    with warnings.catch_warnings():
+        # Lightning 2.6 on torch >= 2.10 warns about its own use of torch's pytree API
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        warnings.filterwarnings("ignore", message=r".*does not have many workers")
+        trainer.fit(module, torch.utils.data.DataLoader(
+            _Cells(train_tok, max_tokens=max_tokens, train=True, seed=seed), **loader),
+            torch.utils.data.DataLoader(
+                _Cells(val_tok, max_tokens=max_tokens, train=False, seed=seed), **loader))
+    if module.best_state is not None:
+        net.load_state_dict(module.best_state)
+    net = net.cpu().eval()
+    for p in net.parameters():
+        p.requires_grad_(requires_grad=True)
+    net.labels = list(classes)
+    metrics = {"label_key": label_key, "groupby": groupby, "best_step": module.best_step,
+               "best_val_macro_f1": module.best_f1, "n_train": int(train_tok.n_cells),
+               "n_val": int(val_tok.n_cells), "val_history": module.history,
+               "gene_coverage": cells.gene_coverage, "count_coverage": cells.count_coverage}
+    net.finetune_metrics = metrics
+    if out_dir is not None:
+        net.save_pretrained(out_dir)
+        save_labels(out_dir, classes, info={"label_key": label_key})
+        (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    logg.info(f"    finished: best validation macro-F1 {module.best_f1:.3f} at step "
+              f"{module.best_step}", time=start)
+    return net
+
+
+def _check_labels(adata: AnnData, label_key: str, groupby: str | None, layer: str | None
+                  ) -> tuple[np.ndarray, list[str], np.ndarray | None]:
+    """Label codes per cell (-1 for NaN), class names, and group codes; every check that
+    can fail before any work."""
+    import pandas as pd
+
+    for key, what in ((label_key, "label_key"), (groupby, "groupby")):
+        if key is not None and key not in adata.obs:
+            msg = (f"{what} {key!r} is not a column of adata.obs; its columns are "
+                   f"{list(adata.obs.columns)}.")
+            raise InputError(msg)
+    labels = adata.obs[label_key]
+    missing = labels.isna().to_numpy()
+    if missing.all():
+        msg = (f"Every label in adata.obs[{label_key!r}] is NaN: fill in the labels of the "
+               "reference cells (or pick another label_key).")
+        raise InputError(msg)
+    if missing.any():
+        logg.warning(f"{int(missing.sum())} of {adata.n_obs} cells have no label (NaN in "
+                     f"obs[{label_key!r}]): left out of fine-tuning.")
+    text = labels.astype(str).to_numpy()
+    classes = sorted(pd.unique(text[~missing]))
+    if len(classes) < 2:
+        msg = (f"adata.obs[{label_key!r}] has a single class ({classes[0]!r}): a classifier "
+               "needs at least two.")
+        raise InputError(msg)
+    codes = np.where(missing, -1, np.searchsorted(classes, text))
+    counts = np.bincount(codes[codes >= 0], minlength=len(classes))
+    small = [f"{c!r} ({n})" for c, n in zip(classes, counts, strict=True)
+             if n < MIN_CELLS_PER_CLASS]
+    if small:
+        msg = (f"{', '.join(small)} of obs[{label_key!r}] {'has' if len(small) == 1 else 'have'}"
+               f" fewer than {MIN_CELLS_PER_CLASS} cells, too few to train on and validate. "
+               "Drop them (adata = adata[~adata.obs[label_key].isin([...])].copy()), merge "
+               "them into a broader type, or set them to NaN to leave them out.")
+        raise InputError(msg)
+    group_codes = None
+    if groupby is not None:
+        g = adata.obs[groupby]
+        if g.isna().to_numpy()[~missing].any():
+            msg = f"adata.obs[{groupby!r}] has NaN for labelled cells: fill it in first."
+            raise InputError(msg)
+        group_codes = pd.factorize(g.astype(str))[0]
+        if len(np.unique(group_codes[~missing])) < 2:
+            msg = (f"groupby {groupby!r} has a single group among the labelled cells: whole "
+                   "groups cannot be held out. Use groupby=None (a stratified split).")
+            raise InputError(msg)
+    return codes, classes, group_codes
+
+
+def _split(codes: np.ndarray, classes: list[str], groups: np.ndarray | None,
+           val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation rows: stratified by label, or whole groups held out."""
+    rows = np.flatnonzero(codes >= 0)
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        val = []
+        for c in range(len(classes)):  # each class split alike: stratified
+            r = rng.permutation(rows[codes[rows] == c])
+            val.append(r[:max(1, math.floor(len(r) * val_fraction))])
+        val_rows = np.sort(np.concatenate(val))
+    else:
+        ids = rng.permutation(np.unique(groups[rows]))
+        sizes = np.array([(groups[rows] == g).sum() for g in ids])
+        # the fewest groups, in random order, that hold val_fraction; one stays for training
+        n_val = min(int(np.searchsorted(np.cumsum(sizes), val_fraction * len(rows))) + 1,
+                    len(ids) - 1)
+        val_rows = rows[np.isin(groups[rows], ids[:n_val])]
+    train_rows = np.setdiff1d(rows, val_rows)
+    absent = [classes[c] for c in range(len(classes)) if not (codes[train_rows] == c).any()]
+    if absent:
+        msg = (f"The validation groups hold every cell of {absent}: no cell of "
+               f"{'that class' if len(absent) == 1 else 'those classes'} is left to train "
+               "on. Use another seed, a smaller val_fraction, or groupby=None.")
+        raise InputError(msg)
+    return train_rows, val_rows
+
+
+def _tokens(cells: Any, rows: np.ndarray) -> tuple[TokenBatch, int]:
+    """The tokens of ``rows`` (reference rows), cells without a gene token left out."""
+    from ..tokenizers import TokenBatch
+
+    parts, n_empty = [], 0
+    for first, batch, empty in cells.batches(desc="tokenizing"):
+        pick = np.flatnonzero(np.isin(first + np.arange(batch.n_cells), rows) & ~empty)
+        n_empty += int((np.isin(first + np.arange(batch.n_cells), rows) & empty).sum())
+        parts.append(batch.select(pick))
+    return TokenBatch.concat(parts), n_empty
+
+
+def _freeze(model: CellModel, n_layers: int) -> None:
+    """Freeze the embeddings and the lowest ``n_layers`` blocks (0: nothing)."""
+    if n_layers == 0:
+        return
+    for module in (model.embed_tokens, *model.encoder.blocks[:n_layers]):
+        for p in module.parameters():
+            p.requires_grad_(requires_grad=False)
