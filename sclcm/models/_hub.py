@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import logging as logg
 from .._checks import InputError
+from ._io import _sha256
 from ._published import PublishedModel, published_model
 
 if TYPE_CHECKING:
@@ -37,14 +38,6 @@ SOURCE = "source.json"
 #: The key of the model last converted for a name (off-hub models load by name after one
 #: ``load(name, directory=...)``).
 LAST = "last"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _offline(*, local_files_only: bool) -> bool:

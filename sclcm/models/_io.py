@@ -71,6 +71,25 @@ def config_defaults_since(version: int) -> dict[str, Any]:
             if k.startswith("config.")}
 
 
+def load_weights_only(path: str | Path, what: str, fix: str = "") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers, never code
+    from the file; a missing file or a refused pickle raises, naming the file.
+
+    ``what`` names what the file should be ("a plain state dict"); ``fix`` says how to
+    make one."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path} is missing."
+        raise FileNotFoundError(msg)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = (f"{path} is not {what} that can be read without running code from it "
+               f"(torch.load(weights_only=True) refused it: {first}).{' ' + fix if fix else ''}")
+        raise InputError(msg) from None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:

@@ -21,7 +21,7 @@ from .. import logging as logg
 from .._checks import InputError
 from ..genes import GeneVocab
 from ._config import ModelConfig, vocab_fields
-from ._io import load_state
+from ._io import load_state, load_weights_only
 from ._model import CellModel
 
 #: Modules of the checkpoint that belong to the Performer decoder.
@@ -35,16 +35,7 @@ def read_checkpoint(path: str | Path, key: str = "cell") -> tuple[dict[str, Any]
     """``(config, state_dict)`` of model ``key`` in scFoundation's ``models.ckpt``, the
     ``model.`` prefix removed and the config flattened as scFoundation's loader does."""
     path = Path(path)
-    if not path.is_file():
-        msg = f"{path} is missing."
-        raise FileNotFoundError(msg)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        msg = (f"{path} is not a checkpoint that can be read without running code from it "
-               f"(torch.load(weights_only=True) refused it: {first}).")
-        raise InputError(msg) from None
+    ckpt = load_weights_only(path, "a checkpoint")
     if not isinstance(ckpt, dict) or key not in ckpt or not isinstance(ckpt[key], dict):
         found = list(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         msg = f"{path} has no model {key!r} (scFoundation's models.ckpt holds {found})."

@@ -23,7 +23,7 @@ from .. import logging as logg
 from .._checks import InputError
 from ..genes import GeneVocab
 from ._config import ModelConfig, vocab_fields
-from ._io import load_state
+from ._io import load_state, load_weights_only
 from ._model import CellModel
 
 #: Files of a published scGPT model directory.
@@ -55,17 +55,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         Naming the file and what it holds instead.
     """
     path = Path(path)
-    if not path.is_file():
-        msg = f"{path} is missing."
-        raise FileNotFoundError(msg)
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        msg = (f"{path} is not a plain state dict that can be read without running code from "
-               f"it (torch.load(weights_only=True) refused it: {first}). Save the weights "
-               "with torch.save(model.state_dict(), path).")
-        raise InputError(msg) from None
+    sd = load_weights_only(path, "a plain state dict",
+                           "Save the weights with torch.save(model.state_dict(), path).")
     if not isinstance(sd, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         what = type(sd).__name__
