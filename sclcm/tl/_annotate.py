@@ -1,4 +1,5 @@
-"""``annotate(query, model)``: cell types from a fine-tuned classifier, with "Unassigned"."""
+"""``annotate(query, model)``: cell types from a fine-tuned classifier or by kNN label
+transfer from a labelled reference, with "Unassigned" and majority voting."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from .._checks import InputError
 from ._cells import CellTokens, check_tool_input, output_object
 from ._embed import BLOCK_CELLS, _model_id
 from ._forward import Budget, autocast, plan_batches, precision_for
+from ._transfer import DEFAULT_K, transfer_labels
+from ._vote import majority_vote, over_cluster
 
 if TYPE_CHECKING:
     import torch
@@ -21,34 +24,64 @@ if TYPE_CHECKING:
 
 #: The label of cells whose confidence is below the threshold (CellTypist's word).
 UNASSIGNED = "Unassigned"
+METHODS = ("classifier", "knn")
+#: Default threshold per method, chosen by holding one type out of the reference
+#: (docs/annotation.md, benchmarks/annotation.py). kNN: Kang 2018 ctrl, each of 4 types
+#: held out of 4 donors, the fifth annotated: 0.02 rejected 94.7% of the held-out type's
+#: cells (71-100%) and 2.2% of the known types' (at most 4.1%).
+THRESHOLDS = {"classifier": 0.5, "knn": 0.02}
 
 
-def annotate(query: AnnData, model: str | Path | CellModel, *, threshold: float = 0.5,
-             key_added: str = "sclcm_label", layer: str | None = None,
-             batch_size: int | None = None, device: str | torch.device | None = None,
-             precision: str | None = None, copy: bool = False) -> AnnData | None:
-    """Label every cell of ``query`` with a classifier from :func:`sclcm.train.finetune`.
+def annotate(query: AnnData, model: str | Path | CellModel | None = None, *,
+             method: str = "classifier", reference: AnnData | None = None,
+             label_key: str | None = None, reference_layer: str | None = None,
+             k: int = DEFAULT_K, threshold: float | None = None, majority_voting: bool = False,
+             over_clustering: str | None = None, key_added: str = "sclcm_label",
+             layer: str | None = None, batch_size: int | None = None,
+             device: str | torch.device | None = None, precision: str | None = None,
+             seed: int = 0, copy: bool = False) -> AnnData | None:
+    """Label every cell of ``query`` with a fine-tuned classifier or from a reference.
 
     Parameters
     ----------
     query
         Cells x genes (counts, as the model's family reads them), in memory or
-        ``backed="r"``.
+        ``backed="r"``; human or mouse genes (mapped through orthologs onto the model's).
     model
-        A fine-tuned model directory (``finetune(..., out_dir=...)``) or the
-        :class:`~sclcm.models.CellModel` that :func:`~sclcm.train.finetune` returned
-        (it carries ``labels``).
+        ``method="classifier"``: a fine-tuned model directory (``finetune(...,
+        out_dir=...)``) or the :class:`~sclcm.models.CellModel` that
+        :func:`~sclcm.train.finetune` returned (it carries ``labels``).
+        ``method="knn"``: any model :func:`sclcm.tl.embed` takes (``None``: the default).
+    method
+        ``"classifier"``: the softmax of the fine-tuned head. ``"knn"``: no training; the
+        reference and the query are embedded with ``model`` and each query cell takes
+        the distance-weighted vote of its ``k`` nearest reference cells
+        (:func:`~sclcm.tl._transfer.transfer_labels`).
+    reference, label_key, reference_layer
+        ``method="knn"``: the labelled reference, its ``obs`` column of labels (NaN
+        labels are left out, with a warning that counts them) and the layer it is read
+        from (default ``X``).
+    k
+        ``method="knn"``: reference neighbours per query cell.
     threshold
-        Cells whose highest class probability is below it are ``"Unassigned"``; 0 assigns
-        every cell.
+        Cells whose score is below it are ``"Unassigned"``; 0 assigns every cell.
+        ``None``: the method's default (:data:`THRESHOLDS`), chosen by measuring how
+        often cells of a type the reference lacks are rejected (docs/annotation.md).
+    majority_voting
+        Also give every cell the most common label of its cluster in an over-clustering
+        (CellTypist's majority voting), in ``obs[f"{key_added}_majority"]``.
+    over_clustering
+        An ``obs`` column of clusters to vote in; ``None`` clusters the query by Leiden
+        on the model's embedding at a high resolution (more cells, more clusters;
+        written to ``obs[f"{key_added}_cluster"]``).
     key_added
-        ``obs[key_added]`` the label, ``obs[f"{key_added}_score"]`` the confidence,
-        ``obsm[f"{key_added}_probabilities"]`` the class probabilities, ``uns[key_added]``
-        the class names and parameters.
+        Prefix of every key written (see Returns).
     layer
         Read ``query.layers[layer]`` instead of ``X``.
     batch_size, device, precision
         As in :func:`sclcm.tl.embed`.
+    seed
+        Seeds the Leiden over-clustering.
     copy
         Return a new AnnData instead of writing into ``query``.
 
@@ -57,65 +90,193 @@ def annotate(query: AnnData, model: str | Path | CellModel, *, threshold: float 
     ``None``, or the new AnnData when ``copy=True``. Sets:
 
     ``obs[key_added]``
-        Categorical: the most probable class, or ``"Unassigned"`` where its probability
-        is below ``threshold`` or the cell has no count on the model's genes.
+        Categorical: the most probable class, or ``"Unassigned"`` where the score is
+        below ``threshold`` or the cell has no count on the model's genes.
     ``obs[f"{key_added}_score"]``
-        float32, the highest class probability (NaN for cells without a gene token).
+        float32 confidence (NaN for cells without a gene token): the highest class
+        probability (classifier), or the winning share of the neighbours' vote times the
+        cell's typicality (knn; see Notes).
     ``obsm[f"{key_added}_probabilities"]``
-        float32, ``n_obs x n_classes``, softmax of the head (columns in
-        ``uns[key_added]["classes"]`` order).
+        float32, ``n_obs x n_classes`` (columns in ``uns[key_added]["classes"]`` order):
+        the head's softmax, or the neighbours' weighted vote.
+    ``obs[f"{key_added}_uncertainty"]``, ``obs[f"{key_added}_typicality"]``
+        ``method="knn"``: ``1 -`` the winning vote share, and the cell's typicality.
+    ``obs[f"{key_added}_majority"]``, ``obs[f"{key_added}_cluster"]``
+        With ``majority_voting``: the cluster's majority label, and the clusters when
+        computed here.
     ``uns[key_added]``
-        ``classes``, ``model``, ``n_unassigned``, ``gene_coverage``, ``count_coverage``,
-        ``params`` (``threshold``, ``layer``, ``key_added``, ``batch_size``).
+        ``classes``, ``method``, ``model``, ``n_unassigned``, ``gene_coverage``,
+        ``count_coverage``, ``species`` (query's, and the reference's for knn),
+        ``params`` (every argument that changes the result).
 
     Raises
     ------
     sclcm.InputError
-        A model without a trained head or class names, a threshold outside [0, 1], and
-        the input errors of :func:`sclcm.tl.embed`.
-    """
-    import pandas as pd
+        A classifier model without a trained head or class names; ``method="knn"``
+        without a reference or ``label_key``, a ``label_key`` missing from the reference,
+        all labels NaN; a threshold outside [0, 1]; an ``over_clustering`` column that is
+        missing; and the input errors of :func:`sclcm.tl.embed` (no gene of the
+        vocabulary, values the model cannot read).
 
-    if not isinstance(key_added, str) or not key_added:
-        msg = f"key_added must be a non-empty string, not {key_added!r}."
-        raise ValueError(msg)
-    if not 0 <= threshold <= 1:
-        msg = f"threshold must be a probability in [0, 1], not {threshold!r}."
-        raise InputError(msg)
-    check_tool_input(query, layer, copy=copy)
-    net, classes = _classifier(model, device)
+    Notes
+    -----
+    **kNN score.** The vote share alone says whether the neighbours agree, not whether
+    they are near: a cell of a type the reference lacks often sits, far from everything,
+    next to one reference type, which then wins the vote unanimously. The typicality
+    (the share of reference cells at least as far from their own neighbours) is near 0
+    for such a cell, so the score, their product, leaves it ``"Unassigned"``.
+
+    Nothing is written to ``query`` (or ``reference``) until every cell is scored.
+    """
+    threshold = THRESHOLDS.get(method, 0.5) if threshold is None else threshold
+    _check_args(query, method, reference, label_key, threshold, key_added, layer,
+                reference_layer, over_clustering, copy=copy)
+    if method == "knn":
+        ref_labels = _reference_labels(reference, label_key)
+        net = _get_model(model, device)
+    else:
+        net, classes = _classifier(model, device)
     dev = next(net.parameters()).device
     precision = precision_for(precision, dev)
     cells = CellTokens.prepare(query, net.tokenizer, layer=layer)
-    start = logg.info(f"annotating {query.n_obs} cells into {len(classes)} classes")
-    probs = _probabilities(net, cells, batch_size=batch_size, device=dev, precision=precision)
+    species = {"query": cells.report.species}
+    want_embedding = method == "knn" or (majority_voting and over_clustering is None)
+    if method == "knn":
+        ref_cells = CellTokens.prepare(reference, net.tokenizer, layer=reference_layer)
+        species["reference"] = ref_cells.report.species
+        if species["reference"] != species["query"]:
+            logg.info(f"the query is {species['query']} and the reference "
+                      f"{species['reference']}: both are mapped through orthologs onto the "
+                      f"model's {net.vocab.species or ''} genes, so only the genes with an "
+                      "ortholog are compared")
+    start = logg.info(f"annotating {query.n_obs} cells ({method})")
+    forward = dict(batch_size=batch_size, device=dev, precision=precision)
+    extra: dict[str, np.ndarray] = {}
+    if method == "knn":
+        ref_emb, _ = _forward(net, ref_cells, logits=False, desc="embedding reference",
+                              **forward)
+        ref_cells.warn_low_coverage()
+        usable = ~np.isnan(ref_emb).any(axis=1) & ~ref_labels.isna().to_numpy()
+        emb, _ = _forward(net, cells, logits=False, desc="embedding query", **forward)
+        result = transfer_labels(ref_emb[usable], emb, ref_labels.to_numpy()[usable], k=k)
+        classes, probs = result.classes, result.probabilities
+        score = result.vote * result.typicality
+        extra = {"uncertainty": result.uncertainty, "typicality": result.typicality}
+    else:
+        emb, probs = _forward(net, cells, logits=True, embedding=want_embedding,
+                              desc="annotating", **forward)
+        score = np.full(query.n_obs, np.nan, dtype=np.float32)
+        known = ~np.isnan(probs).any(axis=1)
+        score[known] = probs[known].max(axis=1)
     cells.warn_low_coverage()
-    known = ~np.isnan(probs).any(axis=1)
-    score = np.full(query.n_obs, np.nan, dtype=np.float32)
-    score[known] = probs[known].max(axis=1)
+    known = ~np.isnan(score)
     best = np.where(known, np.nan_to_num(probs, nan=-1).argmax(axis=1), -1)
     assigned = known & (score >= threshold)
     names = np.array([*classes, UNASSIGNED], dtype=object)
     labels = names[np.where(assigned, best, len(classes))]
-    categories = list(classes) + ([UNASSIGNED] if UNASSIGNED not in classes else [])
     n_unassigned = int((~assigned).sum())
-    params = {"threshold": float(threshold), "key_added": key_added, "layer": layer,
-              "batch_size": batch_size}
-    record = {"classes": list(classes), "model": _model_id(model),
-              "n_unassigned": n_unassigned, "gene_coverage": cells.gene_coverage,
-              "count_coverage": cells.count_coverage,
-              # None is left out: older anndata cannot write it to h5ad
-              "params": {k: v for k, v in params.items() if v is not None}}
 
+    clusters = majority = None
+    if majority_voting:
+        clusters = (query.obs[over_clustering].astype(str).to_numpy() if over_clustering
+                    else over_cluster(emb, seed=seed))
+        majority = majority_vote(labels, clusters)
+    params = {"method": method, "threshold": float(threshold), "key_added": key_added,
+              "layer": layer, "batch_size": batch_size, "majority_voting": majority_voting,
+              "over_clustering": over_clustering, "seed": seed}
+    if method == "knn":
+        params.update(k=k, label_key=label_key, reference_layer=reference_layer,
+                      n_reference=int(usable.sum()))
+    record = {"classes": list(classes), "method": method, "model": _model_id(model),
+              "n_unassigned": n_unassigned, "gene_coverage": cells.gene_coverage,
+              "count_coverage": cells.count_coverage, "species": species,
+              # None is left out: older anndata cannot write it to h5ad
+              "params": {k_: v for k_, v in params.items() if v is not None}}
     out = output_object(query, copy=copy)  # everything is computed: only now touch it
-    out.obs[key_added] = pd.Categorical(labels, categories=categories)
-    out.obs[f"{key_added}_score"] = score
-    out.obsm[f"{key_added}_probabilities"] = probs
-    out.uns[key_added] = record
+    _write(out, key_added=key_added, labels=labels, classes=classes, score=score,
+           probs=probs, extra=extra, clusters=clusters, majority=majority,
+           computed_clusters=over_clustering is None, record=record)
     logg.info(f"    finished: {n_unassigned} of {query.n_obs} cells Unassigned", time=start)
-    logg.hint(f"added obs[{key_added!r}], obs['{key_added}_score'], "
+    logg.hint(f"added obs[{key_added!r}] and obs['{key_added}_*'], "
               f"obsm['{key_added}_probabilities'], uns[{key_added!r}]")
     return out if copy else None
+
+
+def _write(out: AnnData, *, key_added: str, labels: np.ndarray, classes: list[str],
+           score: np.ndarray, probs: np.ndarray, extra: dict[str, np.ndarray],
+           clusters: np.ndarray | None, majority: np.ndarray | None,
+           computed_clusters: bool, record: dict[str, Any]) -> None:
+    import pandas as pd
+
+    categories = list(classes) + ([UNASSIGNED] if UNASSIGNED not in classes else [])
+    out.obs[key_added] = pd.Categorical(labels, categories=categories)
+    out.obs[f"{key_added}_score"] = score
+    for name, values in extra.items():
+        out.obs[f"{key_added}_{name}"] = values
+    out.obsm[f"{key_added}_probabilities"] = probs
+    if majority is not None:
+        out.obs[f"{key_added}_majority"] = pd.Categorical(majority, categories=categories)
+        if computed_clusters:
+            out.obs[f"{key_added}_cluster"] = pd.Categorical(clusters)
+    out.uns[key_added] = record
+
+
+def _check_args(query: AnnData, method: str, reference: AnnData | None,
+                label_key: str | None, threshold: float, key_added: str, layer: str | None,
+                reference_layer: str | None, over_clustering: str | None, *,
+                copy: bool) -> None:
+    """Every check that needs no model, before any work."""
+    if not isinstance(key_added, str) or not key_added:
+        msg = f"key_added must be a non-empty string, not {key_added!r}."
+        raise ValueError(msg)
+    if method not in METHODS:
+        msg = f"method must be one of {METHODS}, not {method!r}."
+        raise InputError(msg)
+    if not 0 <= threshold <= 1:
+        msg = f"threshold must be in [0, 1], not {threshold!r}."
+        raise InputError(msg)
+    check_tool_input(query, layer, copy=copy)
+    if over_clustering is not None and over_clustering not in query.obs:
+        msg = (f"over_clustering {over_clustering!r} is not a column of query.obs; pass an "
+               "obs column of clusters, or None to over-cluster the query here.")
+        raise InputError(msg)
+    if method == "knn":
+        if reference is None or label_key is None:
+            msg = ("method='knn' transfers labels from a labelled reference: pass "
+                   "reference=<AnnData with labels in obs> and label_key=<that obs "
+                   "column>, e.g. annotate(query, method='knn', reference=ref, "
+                   "label_key='cell_type').")
+            raise InputError(msg)
+        check_tool_input(reference, reference_layer)
+        if label_key not in reference.obs:
+            msg = (f"label_key {label_key!r} is not a column of reference.obs; its columns "
+                   f"are {list(reference.obs.columns)}.")
+            raise InputError(msg)
+    elif reference is not None:
+        msg = ("reference= is read by method='knn' only; a classifier carries its classes. "
+               "Pass method='knn', or leave reference out.")
+        raise InputError(msg)
+
+
+def _reference_labels(reference: AnnData, label_key: str):
+    """The reference's labels as strings (NaN kept as NaN), with the NaN checks."""
+    labels = reference.obs[label_key]
+    missing = labels.isna().to_numpy()
+    if missing.all():
+        msg = (f"Every label in reference.obs[{label_key!r}] is NaN: fill in the labels of "
+               "the reference cells (or pick another label_key).")
+        raise InputError(msg)
+    if missing.any():
+        logg.warning(f"{int(missing.sum())} of {reference.n_obs} reference cells have no "
+                     f"label (NaN in obs[{label_key!r}]): left out of the vote.")
+    return labels.astype(object).where(~missing).map(
+        lambda x: x if x is None or x != x else str(x))
+
+
+def _get_model(model: Any, device: Any) -> CellModel:
+    from ._model_ref import get_model
+
+    return get_model(model, device=device)
 
 
 def _classifier(model: Any, device: Any) -> tuple[CellModel, list[str]]:
@@ -143,28 +304,41 @@ def _classifier(model: Any, device: Any) -> tuple[CellModel, list[str]]:
     return net, list(labels)
 
 
-def _probabilities(model: CellModel, cells: CellTokens, *, batch_size: int | None,
-                   device: torch.device, precision: str) -> np.ndarray:
-    """Class probabilities per cell (NaN rows for cells without a gene token)."""
+def _forward(model: CellModel, cells: CellTokens, *, logits: bool, embedding: bool = True,
+             desc: str, batch_size: int | None, device: torch.device, precision: str
+             ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Cell embeddings and/or class probabilities per cell, in one pass over the cells
+    (NaN rows for cells without a gene token)."""
     import torch
 
     from ..train._finetune import class_logits
+    from ._embed import _run
 
-    out = np.full((cells.adata.n_obs, model.config.n_classes), np.nan, dtype=np.float32)
+    if not logits:
+        return _run(model, cells, batch_size=batch_size, gene_embeddings=False,
+                    device=device, precision=precision).cells, None
+    n = cells.adata.n_obs
+    probs = np.full((n, model.config.n_classes), np.nan, dtype=np.float32)
+    emb = np.full((n, model.config.d_model), np.nan, dtype=np.float32) if embedding else None
     budget = Budget.for_device(device)
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode(), autocast(device, precision):
-            for first, batch, empty in cells.batches(block_size=BLOCK_CELLS,
-                                                     desc="annotating"):
+            for first, batch, empty in cells.batches(block_size=BLOCK_CELLS, desc=desc):
                 keep = np.flatnonzero(~empty)
                 for part in plan_batches(batch.lengths[keep], n_heads=model.config.n_heads,
                                          batch_size=batch_size, budget=budget):
                     rows = keep[part]
-                    logits = class_logits(model, model.inputs(batch.select(rows),
-                                                              device=device))
-                    out[first + rows] = torch.softmax(logits.float(), -1).cpu().numpy()
+                    inputs = model.inputs(batch.select(rows), device=device)
+                    if embedding:  # the embedding and the head from one forward pass
+                        res = model(**inputs, heads=model.config.normalize_embedding)
+                        emb[first + rows] = res["cell_embedding"].float().cpu().numpy()
+                        out = (res["class_logits"] if model.config.normalize_embedding
+                               else model.classifier(res["cell_embedding"]))
+                    else:
+                        out = class_logits(model, inputs)
+                    probs[first + rows] = torch.softmax(out.float(), -1).cpu().numpy()
     finally:
         model.train(was_training)
-    return out
+    return emb, probs
