@@ -54,25 +54,43 @@ def test_nan_rows_warn_with_a_fix_that_lets_neighbors_run(cells, model, caplog):
     assert adata.obsp["connectivities"].shape == (58, 58)
 
 
-def test_low_count_coverage_warns_with_the_share(cells, model, caplog):
-    with caplog.at_level(logging.WARNING, logger="sclcm"):
-        sclcm.tl.embed(cells.copy(), model)
-    assert "reach the model's vocabulary" not in _warnings(caplog)
-    # the genes carrying 30% of the counts renamed to names no table knows
+def _hide_top_genes(cells: ad.AnnData, share_hidden: float) -> ad.AnnData:
+    """A copy whose genes carrying ``share_hidden`` of the counts have names no table knows."""
     adata = cells.copy()
     share = np.asarray(adata.X.sum(0)).ravel() / adata.X.sum()
     order = np.argsort(-share)
-    hidden = order[: np.searchsorted(np.cumsum(share[order]), 0.3) + 1]
+    hidden = order[: np.searchsorted(np.cumsum(share[order]), share_hidden) + 1]
     names = adata.var_names.to_numpy().copy()
     names[hidden] = [f"NOT_A_GENE_{i}" for i in range(len(hidden))]
     adata.var_names = names
     adata.var = adata.var.iloc[:, :0]  # no ID or symbol column to resolve them by
+    return adata
+
+
+def test_low_count_coverage_warns_with_the_share(cells, model, caplog):
+    with caplog.at_level(logging.WARNING, logger="sclcm"):
+        sclcm.tl.embed(cells.copy(), model)
+    assert "reach the model's vocabulary" not in _warnings(caplog)
+    adata = _hide_top_genes(cells, 0.3)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sclcm"):
         sclcm.tl.embed(adata, model)
     coverage = adata.uns["sclcm"]["count_coverage"]
     assert coverage < 0.72
     assert f"only {coverage:.0%} of the counts" in _warnings(caplog)
+
+
+def test_perturb_warns_on_low_count_coverage_too(cells, model, caplog):
+    adata = _hide_top_genes(cells[:8], 0.3)
+    gene = "CD74"  # expressed in these cells, and not among the hidden genes
+    assert gene in adata.var_names
+    with caplog.at_level(logging.WARNING, logger="sclcm"):
+        sclcm.tl.perturb(cells[:8].copy(), [gene], model=model, n_null=2)
+    assert "reach the model's vocabulary" not in _warnings(caplog)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sclcm"):
+        sclcm.tl.perturb(adata, [gene], model=model, n_null=2)
+    assert "of the counts (and" in _warnings(caplog)
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns(cells, model, caplog, monkeypatch):

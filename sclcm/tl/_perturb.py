@@ -180,6 +180,7 @@ def perturb(adata: AnnData, genes: str | Sequence[str] = "all", *,
                       f"{net.config.tokenizer} model on {dev}")
 
     freq, n_ok = _expression(sub, enc, V)
+    sub.warn_low_coverage()  # the counts of the cells perturbed were just read
     universe = perturbable(cells, freq, mode)
     groups = expression_groups(freq[universe] / max(n_ok, 1), rng)
     group_of = np.full(V, -1, dtype=np.int64)
