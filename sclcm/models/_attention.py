@@ -196,19 +196,32 @@ def find_keys(keys_a: torch.Tensor, keys_b: torch.Tensor) -> torch.Tensor:
 AttentionFn = Callable[..., torch.Tensor]
 
 
+#: ``on_probs(cell, p_hll)``: receives one cell's attention probabilities (heads x queries x
+#: keys, float32) from :func:`math_attention`.
+ProbsFn = Callable[[int, torch.Tensor], None]
+
+
 def math_attention(q_thd: torch.Tensor, k_thd: torch.Tensor, v_thd: torch.Tensor,
-                   packing: Packing, *, scale: float, dropout: float = 0.0) -> torch.Tensor:
-    """The reference: ``softmax(q k^T * scale) v`` written out, one cell at a time."""
+                   packing: Packing, *, scale: float, dropout: float = 0.0,
+                   on_probs: ProbsFn | None = None) -> torch.Tensor:
+    """The reference: ``softmax(q k^T * scale) v`` written out, one cell at a time.
+
+    ``on_probs`` is called with each cell's index and its probabilities before dropout: the
+    only backend that has them (flash and SDPA never form them in full).
+    """
     out = torch.empty_like(q_thd)
     offsets = packing.offsets.tolist()
-    for start, end in pairwise(offsets):
+    for cell, (start, end) in enumerate(pairwise(offsets)):
         q, k, v = (x[start:end].transpose(0, 1).float() for x in (q_thd, k_thd, v_thd))
         scores_hll = q @ k.transpose(1, 2) * scale
         if packing.query is not None:
             is_query = packing.query[start:end]
             eye = torch.eye(end - start, dtype=torch.bool, device=q.device)
             scores_hll = scores_hll.masked_fill(~(~is_query[None, :] | eye), float("-inf"))
-        p_hll = F.dropout(scores_hll.softmax(-1), dropout)
+        p_hll = scores_hll.softmax(-1)
+        if on_probs is not None:
+            on_probs(cell, p_hll)
+        p_hll = F.dropout(p_hll, dropout)
         out[start:end] = (p_hll @ v).transpose(0, 1).to(out.dtype)
     return out
 

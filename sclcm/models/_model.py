@@ -7,7 +7,8 @@ the ``tokens x d_model`` tensor and only attention looks at cell boundaries.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import contextlib
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._attention import Packing, attention, find_keys, repack
+from ._attention import Packing, ProbsFn, attention, find_keys, math_attention, repack
 from ._config import ModelConfig, check_inputs, check_vocab
 from ._layers import (
     ACT,
@@ -41,12 +42,16 @@ class SelfAttention(nn.Module):
         self.n_heads, self.dropout = n_heads, dropout
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.proj = nn.Linear(d_model, d_model)
+        #: set by :meth:`CellModel.record_attention`: this layer then runs the math backend
+        #: and hands each cell's probabilities to it
+        self.on_probs: ProbsFn | None = None
 
     def forward(self, x_td: torch.Tensor, packing: Packing) -> torch.Tensor:
         T, d = x_td.shape
         q_thd, k_thd, v_thd = self.qkv(x_td).view(T, 3, self.n_heads, -1).unbind(1)
-        o_thd = attention(q_thd, k_thd, v_thd, packing, scale=q_thd.shape[-1] ** -0.5,
-                          dropout=self.dropout if self.training else 0.0)
+        kw = {"scale": q_thd.shape[-1] ** -0.5, "dropout": self.dropout if self.training else 0.0}
+        o_thd = attention(q_thd, k_thd, v_thd, packing, **kw) if self.on_probs is None else \
+            math_attention(q_thd, k_thd, v_thd, packing, on_probs=self.on_probs, **kw)
         return self.proj(o_thd.reshape(T, d))
 
 
@@ -390,6 +395,33 @@ class CellModel(nn.Module):
             0, packing.cell, h_td.float() * is_gene[:, None])
         counts = is_gene.new_zeros(packing.n_cells).index_add_(0, packing.cell, is_gene)
         return (sums / counts.clamp(min=1)[:, None]).to(h_td.dtype)
+
+    @contextlib.contextmanager
+    def record_attention(self, layers: Sequence[int],
+                         fn: Callable[[int, int, torch.Tensor], None]) -> Iterator[None]:
+        """Within the block, the encoder blocks in ``layers`` (0 = the first; negative ones
+        count from the end) compute attention on the ``math`` backend and call
+        ``fn(layer, cell, p_hll)`` with each cell's probabilities (heads x queries x keys,
+        float32, over the cell's encoder tokens); the other blocks keep their backend.
+
+        >>> import torch
+        >>> cfg = ModelConfig.preset("geneformer", "tiny", vocab_size=50, n_special_tokens=2,
+        ...                          cls_id=-1)
+        >>> model, seen = CellModel(cfg).eval(), []
+        >>> with model.record_attention([-1], lambda l, c, p: seen.append((l, c, p.shape))):
+        ...     _ = model(torch.tensor([5, 9, 7, 3, 8]), torch.tensor([0, 3, 5]))
+        >>> seen
+        [(1, 0, torch.Size([2, 3, 3])), (1, 1, torch.Size([2, 2, 2]))]
+        """
+        blocks = self.encoder.blocks
+        chosen = sorted({int(i) % len(blocks) for i in layers})
+        try:
+            for i in chosen:
+                blocks[i].attn.on_probs = lambda c, p, i=i: fn(i, c, p)
+            yield
+        finally:
+            for i in chosen:
+                blocks[i].attn.on_probs = None
 
     # --- batches, embeddings, persistence ----------------------------------------------
     def inputs(self, batch: TokenBatch, *, device: str | torch.device | None = None
