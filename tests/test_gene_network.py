@@ -203,14 +203,21 @@ def test_interferon_programme_and_difference():
     assert diff["change"].abs().is_monotonic_decreasing
 
 
-@pytest.mark.slow
-def test_keys_complete_and_h5ad_roundtrip(kang, genes, model, tmp_path):
+@pytest.fixture(scope="module")
+def networked(kang, genes, model):
+    """The 120 cells with attention and the three networks, per condition."""
     adata = kang.copy()
     sclcm.tl.attention(adata, model, genes=genes, groupby="condition", top_k=10)
     for method in ("attention", "embedding", "coexpression"):
         sclcm.tl.gene_network(adata, method=method, model=model, groupby="condition",
                               genes=genes, n_neighbors=5, top_k=10, compare=("ctrl", "stim"),
                               n_changed=20)
+    return adata
+
+
+@pytest.mark.slow
+def test_keys_complete_and_h5ad_roundtrip(networked, genes, tmp_path):
+    adata = networked.copy()
     att = adata.uns["sclcm_attention"]
     assert set(att) == {"genes", "groups", "directed", "symmetric", "n_pairs", "n_cells",
                         "model", "params"}
@@ -302,3 +309,30 @@ def test_top_edges_keeps_the_strongest():
     for i in range(30):
         assert set(np.flatnonzero(m[i])) == set(np.argsort(-np.nan_to_num(w[i],
                                                                           nan=-9))[:4])
+
+
+@pytest.mark.slow
+def test_plots(networked, tmp_path):
+    import matplotlib.pyplot as plt
+
+    rec = networked.uns["sclcm_network_embedding"]
+    ax = sclcm.pl.gene_network(networked, "ISG15", key="sclcm_network_embedding",
+                               group="stim", n_neighbors=6, show=False)
+    labels = {t.get_text() for t in ax.texts}
+    row = rec["weights"]["stim"].getrow(list(rec["genes"]).index("ISG15")).toarray().ravel()
+    strongest = set(np.asarray(rec["genes"])[np.argsort(-row)[:6]])
+    assert labels == strongest | {"ISG15"}
+    with pytest.raises(ValueError, match="pass group= one of them"):
+        sclcm.pl.gene_network(networked, "ISG15", key="sclcm_network_embedding")
+    with pytest.raises(KeyError, match=r"run sclcm.tl.gene_network\(adata"):
+        sclcm.pl.gene_network(networked, "ISG15", key="nothing")
+    path = tmp_path / "heatmap.png"
+    axes = sclcm.pl.attention(networked, ISGS, save=str(path), show=False)
+    assert path.stat().st_size > 0
+    assert [a.get_title() for a in axes] == ["ctrl", "stim"]
+    shown = axes[1].images[0].get_array()
+    att = networked.uns["sclcm_attention"]["directed"]["stim"].toarray()
+    idx = [list(networked.uns["sclcm_attention"]["genes"]).index(g) for g in ISGS]
+    want = att[np.ix_(idx, idx)]
+    np.testing.assert_allclose(np.ma.filled(shown, 0), want, rtol=1e-6)
+    plt.close("all")
