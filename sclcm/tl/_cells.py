@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from anndata import AnnData
 
-    from ..genes import GeneReport
+    from ..genes import GeneReport, SpeciesMap
     from ..tokenizers import ColumnMap, TokenBatch, Tokenizer
 
 
@@ -90,26 +90,85 @@ class CellTokens:
     #: Counts read by :meth:`batches` so far: all, and those on genes that reach a token.
     counts_read: float = 0.0
     counts_in_vocab: float = 0.0
+    #: Where the AnnData's species differs from the vocabulary's: how its genes reach the
+    #: vocabulary's species (:class:`~sclcm.genes.SpeciesMap`), and, under
+    #: ``orthologs="all"``, the 0/1 matrix (columns x the vocabulary genes reached, and a
+    #: last column that gathers the other counts) that moves each block's counts there
+    #: before tokenizing (``column_map`` is then over its columns).
+    species_map: SpeciesMap | None = None
+    expand: sparse.csr_matrix | None = None
+    #: Counts the model reads after the ortholog rule (copies included), for the record.
+    counts_to_model: float = 0.0
 
     @classmethod
     def prepare(cls, adata: AnnData, tokenizer: Tokenizer, *, layer: str | None = None,
-                report: GeneReport | None = None) -> CellTokens:
+                report: GeneReport | None = None, orthologs: str | None = None
+                ) -> CellTokens:
         """Resolve genes once and map the columns to ``tokenizer``'s tokens.
 
-        Raises :class:`~sclcm.InputError` for an empty AnnData, a missing layer or no gene
-        of the vocabulary.
+        ``orthologs`` is the rule for an AnnData whose species is not the vocabulary's
+        (:data:`sclcm.genes.ORTHOLOG_RULES`; ``None``: ``"one2one"``). Raises
+        :class:`~sclcm.InputError` for an empty AnnData, a missing layer, an unknown rule
+        or no gene of the vocabulary.
         """
-        from ..genes import resolve
+        from ..genes import SpeciesMap, resolve
+        from ..genes._orthologs import check_rule
+        from ..tokenizers import ColumnMap
 
         check_tool_input(adata, layer)
+        rule = check_rule("one2one" if orthologs is None else orthologs)
         if report is None:
             report = resolve(adata, count_coverage=False)
-        cmap = tokenizer.column_map(adata, report=report)  # raises on no overlap
-        return cls(adata, tokenizer, report, cmap, layer)
+        species = tokenizer.vocab.species
+        if species is None or report.species == species:
+            return cls(adata, tokenizer, report, tokenizer.column_map(adata, report=report),
+                       layer)
+        smap = SpeciesMap.build(report, species, orthologs=rule)
+        if rule == "one2one":  # the tokenizer's own path: one column, one slot
+            return cls(adata, tokenizer, report, tokenizer.column_map(adata, report=report),
+                       layer, species_map=smap)
+        ids = tokenizer.token_ids_of_genes(tokenizer.vocab.encode(smap.target_ids))
+        if not (ids >= 0).any():
+            msg = ("None of the AnnData's genes has an ortholog in this tokenizer's "
+                   f"vocabulary ({tokenizer.vocab!r}); check sclcm.genes.resolve(adata) "
+                   "and the species.")
+            raise InputError(msg)
+        keep = np.flatnonzero(ids >= 0)
+        expand = sparse.csr_matrix(smap.matrix[:, keep])
+        # a last column without a token keeps the other counts in each cell's total, which
+        # the tokenizers normalize by (so a one-to-one gene reads as it does under one2one)
+        rest = (np.diff(expand.indptr) == 0).astype(np.float32)[:, None]
+        expand = sparse.hstack([expand, sparse.csr_matrix(rest)], format="csr")
+        cmap = ColumnMap.from_token_ids(np.r_[ids[keep], -1])
+        return cls(adata, tokenizer, report, cmap, layer, species_map=smap, expand=expand)
+
+    @property
+    def in_vocab(self) -> np.ndarray:
+        """Per column of the AnnData: whether its counts reach a token."""
+        if self.expand is not None:
+            return self.expand[:, -1].toarray().ravel() == 0
+        return self.column_map.slot >= 0
 
     @property
     def gene_coverage(self) -> float:
-        return float((self.column_map.slot >= 0).mean())
+        return float(self.in_vocab.mean())
+
+    def species_record(self) -> dict | None:
+        """Where the species was mapped: :meth:`~sclcm.genes.SpeciesMap.coverage` over the
+        vocabulary, with the counts read by the last :meth:`batches` (``count_coverage``:
+        share of the AnnData's counts that reach a token; ``count_inflation``: counts the
+        model reads over those, above 1 where ``"all"`` copies a count onto several
+        orthologs). ``None`` where the species is the vocabulary's."""
+        smap = self.species_map
+        if smap is None:
+            return None
+        tok = self.tokenizer
+        usable = tok.token_ids_of_genes(tok.vocab.encode(smap.target_ids)) >= 0
+        record = smap.coverage(usable)
+        record["count_coverage"] = self.count_coverage
+        record["count_inflation"] = (self.counts_to_model / self.counts_in_vocab
+                                     if self.counts_in_vocab else float("nan"))
+        return record
 
     @property
     def count_coverage(self) -> float:
@@ -125,11 +184,17 @@ class CellTokens:
         """
         from .. import logging as logg
 
+        record = self.species_record()
+        if record is not None:
+            logg.info(f"    orthologs={record['orthologs']!r}: {record['n_genes_in_vocab']} of "
+                      f"{record['n_genes']} {record['source_species']} genes "
+                      f"({record['gene_coverage']:.1%}) and {self.count_coverage:.1%} of the "
+                      f"counts reach the model's {record['target_species']} vocabulary")
         if self.count_coverage < threshold:
-            n_in = int((self.column_map.slot >= 0).sum())
+            n_in = int(self.in_vocab.sum())
             logg.warning(
                 f"only {self.count_coverage:.0%} of the counts (and {n_in} of "
-                f"{len(self.column_map.slot)} genes) reach the model's vocabulary: the "
+                f"{len(self.in_vocab)} genes) reach the model's vocabulary: the "
                 "model does not see the rest, and tissue markers may be among them. Check "
                 "sclcm.genes.resolve(adata) (symbols, species) or use a model trained on "
                 "this tissue.")
@@ -176,20 +241,26 @@ class CellTokens:
         :meth:`_check_block`) before their block is yielded.
         """
         blocks = iter_row_blocks(self.adata, self.layer, block_size=block_size)
-        self.counts_read = self.counts_in_vocab = 0.0
-        in_vocab = self.column_map.slot >= 0
+        self.counts_read = self.counts_in_vocab = self.counts_to_model = 0.0
+        in_vocab = self.in_vocab
         # counted in cells: in blocks, a run of fewer cells than a block sat at 0/1
         for first, _, block in progress(blocks, total=self.adata.n_obs, desc=desc,
                                         unit="cells", size=lambda item: item[2].shape[0]):
+            moved = block
+            if self.expand is not None:  # orthologs="all": counts onto every ortholog
+                moved = sparse.csr_matrix(sparse.csr_matrix(block) @ self.expand,
+                                          dtype=np.result_type(block.dtype, np.float32))
             try:
-                batch = self.tokenizer.encode(block, self.column_map, start=first,
+                batch = self.tokenizer.encode(moved, self.column_map, start=first,
                                               keep_empty=True)
             except InputError:  # the tokenizer sees every value but names none: name it
-                self._check_block(block, first)
+                self._check_block(block, first)  # in the user's own genes
                 raise
             vocab_counts = _vocab_counts(block, in_vocab)
             self.counts_read += float(block.sum(dtype=np.float64))
             self.counts_in_vocab += float(vocab_counts.sum())
+            self.counts_to_model += float(moved[:, :-1].sum(dtype=np.float64)) \
+                if self.expand is not None else float(vocab_counts.sum())
             yield first, batch, _empty_cells(batch, self.tokenizer) | (vocab_counts == 0)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from scipy import sparse
 
 from .. import logging as logg
 from ._cells import CellTokens, check_tool_input, output_object
@@ -29,8 +30,8 @@ BLOCK_TOKENS = 8_388_608
 def embed(adata: AnnData, model: str | Path | CellModel | None = None, *,
           layer: str | None = None, batch_size: int | None = None,
           key_added: str = "X_sclcm", gene_embeddings: bool = False,
-          device: str | torch.device | None = None, precision: str | None = None,
-          copy: bool = False) -> AnnData | None:
+          orthologs: str = "one2one", device: str | torch.device | None = None,
+          precision: str | None = None, copy: bool = False) -> AnnData | None:
     """Embed every cell of ``adata`` with a single-cell foundation model.
 
     The cells are read in blocks (``backed="r"`` works, in memory that does not grow with
@@ -43,7 +44,8 @@ def embed(adata: AnnData, model: str | Path | CellModel | None = None, *,
     ----------
     adata
         Cells x genes, in memory or ``backed="r"``; genes as symbols or Ensembl IDs (see
-        :func:`sclcm.genes.resolve`), human or mouse (mapped through orthologs).
+        :func:`sclcm.genes.resolve`), human or mouse (mapped through orthologs onto the
+        model's species, as ``orthologs`` says).
     model
         ``None`` for the default shipped model (:data:`sclcm.tl.DEFAULT_MODEL`), a shipped
         model's name (:func:`sclcm.tl.shipped_models`), a directory written by
@@ -64,6 +66,12 @@ def embed(adata: AnnData, model: str | Path | CellModel | None = None, *,
         Also write each gene's contextual embedding: the mean of its token's last hidden
         state over the cells whose input holds the token (summed block by block, so
         memory does not grow with the cells).
+    orthologs
+        For data of another species than the model's vocabulary: ``"one2one"`` maps only
+        genes with a one-to-one ortholog; ``"all"`` also one-to-many and many-to-many
+        orthologs, each gene's count copied onto every ortholog and several genes summed
+        onto a shared one (why: ``docs/cross_species.md``). Ignored for data of the
+        model's species.
     device
         ``"cpu"``, ``"cuda"``, ...; default :attr:`sclcm.settings.device`. A
         ``CellModel`` given without ``device`` runs where it is.
@@ -89,9 +97,11 @@ def embed(adata: AnnData, model: str | Path | CellModel | None = None, *,
         ``model`` (shipped name or directory), ``tokenizer`` (family and options),
         ``config`` (shape, pooling, parameters), ``gene_coverage`` (share of genes that
         reach a token), ``count_coverage`` (share of counts on those genes),
-        ``n_genes_in_vocab``, ``n_empty_cells``, ``sclcm_version``, and ``params``
-        (``layer``, ``batch_size``, ``gene_embeddings``, ``key_added``, ``device``,
-        ``dtype``).
+        ``n_genes_in_vocab``, ``n_empty_cells``, ``sclcm_version``, ``params``
+        (``layer``, ``batch_size``, ``gene_embeddings``, ``key_added``, ``orthologs``,
+        ``device``, ``dtype``), and for data of another species ``orthologs``: the rule
+        and how many of the data's genes and counts reach the vocabulary under it
+        (:meth:`sclcm.genes.SpeciesMap.coverage`; also logged).
 
     Raises
     ------
@@ -144,7 +154,7 @@ def embed(adata: AnnData, model: str | Path | CellModel | None = None, *,
     net = get_model(model, device=device)
     dev = next(net.parameters()).device
     precision = precision_for(precision, dev)
-    cells = CellTokens.prepare(adata, net.tokenizer, layer=layer)
+    cells = CellTokens.prepare(adata, net.tokenizer, layer=layer, orthologs=orthologs)
     model_id = _model_id(model)
     start = logg.info(f"embedding {adata.n_obs} cells with {model_id} "
                       f"({net.config.tokenizer}, {net.config.n_layers} layers x "
@@ -164,7 +174,8 @@ def embed(adata: AnnData, model: str | Path | CellModel | None = None, *,
 
     record = _record(net, cells, model_id=model_id, n_empty=n_empty, layer=layer,
                      batch_size=batch_size, gene_embeddings=gene_embeddings,
-                     key_added=key_added, device=dev, precision=precision)
+                     key_added=key_added, device=dev, precision=precision,
+                     orthologs=orthologs)
     genes = _per_column(result, cells) if gene_embeddings else None
     adata = output_object(adata, copy=copy)  # everything is computed: only now touch it
     adata.obsm[keys.obsm] = result.cells
@@ -261,7 +272,15 @@ def _per_column(result: _Result, cells: CellTokens) -> np.ndarray:
     out = np.full((len(cmap.slot), means.shape[1]), np.nan, dtype=np.float32)
     mapped = cmap.slot >= 0
     out[mapped] = means[cmap.token_ids[cmap.slot[mapped]]]
-    return out
+    if cells.expand is None:
+        return out
+    # orthologs="all": a column's genes are its orthologs; it gets the mean of those seen
+    seen = ~np.isnan(out).any(axis=1)
+    reach = cells.expand @ sparse.diags(seen.astype(np.float32))
+    n = np.asarray(reach.sum(axis=1)).ravel()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_column = (reach @ np.nan_to_num(out)) / n[:, None]
+    return np.where(n[:, None] > 0, per_column, np.nan).astype(np.float32)
 
 
 def _model_id(model: Any) -> str:
@@ -277,16 +296,17 @@ def _model_id(model: Any) -> str:
 
 def _record(model: CellModel, cells: CellTokens, *, model_id: str, n_empty: int,
             layer: str | None, batch_size: int | None, gene_embeddings: bool,
-            key_added: str, device: torch.device, precision: str) -> dict[str, Any]:
+            key_added: str, device: torch.device, precision: str,
+            orthologs: str = "one2one") -> dict[str, Any]:
     from .. import __version__
 
     cfg, tok = model.config, cells.tokenizer
     options = {k: v for k, v in tok.to_dict()["options"].items() if v is not None}
     params = {"layer": layer, "batch_size": batch_size, "gene_embeddings": gene_embeddings,
-              "key_added": key_added, "device": str(device),
+              "key_added": key_added, "orthologs": orthologs, "device": str(device),
               "dtype": precision if precision == "bfloat16" else str(
                   next(model.parameters()).dtype).removeprefix("torch.")}
-    return {
+    record = {
         "model": model_id,
         "tokenizer": {"name": tok.name, **options},
         "config": {"tokenizer": cfg.tokenizer, "n_layers": cfg.n_layers,
@@ -294,9 +314,13 @@ def _record(model: CellModel, cells: CellTokens, *, model_id: str, n_empty: int,
                    "vocab_size": cfg.vocab_size, "n_params": model.get_num_params()},
         "gene_coverage": cells.gene_coverage,
         "count_coverage": cells.count_coverage,
-        "n_genes_in_vocab": int((cells.column_map.slot >= 0).sum()),
+        "n_genes_in_vocab": int(cells.in_vocab.sum()),
         "n_empty_cells": n_empty,
         "sclcm_version": __version__,
         # None is left out: older anndata cannot write it to h5ad
         "params": {k: v for k, v in params.items() if v is not None},
     }
+    species = cells.species_record()
+    if species is not None:
+        record["orthologs"] = species
+    return record
