@@ -37,15 +37,20 @@ class LabelTransfer:
         float32, ``n_query``: mean distance to those ``k`` neighbours.
     typicality
         float32, ``n_query``: the share of reference cells whose own mean distance to their
-        ``k`` nearest other reference cells is at least the query cell's (a conformal
-        p-value: about uniform on [0, 1] for a query cell like the reference cells, near 0
-        for one farther from the reference than reference cells are from each other).
+        ``k`` nearest other reference cells is at least the query cell's (divided by
+        ``shift``): a conformal p-value, about uniform on [0, 1] for a query cell like the
+        reference cells, near 0 for one farther from the reference than reference cells
+        are from each other.
+    shift
+        The query's median neighbour distance over the reference's own (at least 1), by
+        which the query's distances were divided (1 when not adjusted).
     """
 
     classes: list[str]
     probabilities: np.ndarray
     distance: np.ndarray
     typicality: np.ndarray
+    shift: float = 1.0
 
     @property
     def label(self) -> np.ndarray:
@@ -70,7 +75,8 @@ class LabelTransfer:
 
 
 def transfer_labels(reference: np.ndarray, query: np.ndarray, labels: Sequence, *,
-                    k: int = DEFAULT_K, metric: str = "cosine") -> LabelTransfer:
+                    k: int = DEFAULT_K, metric: str = "cosine", adjust_shift: bool = True
+                    ) -> LabelTransfer:
     """Transfer ``labels`` from reference cells to query cells embedded in one space.
 
     Each query cell's ``k`` nearest reference cells vote for their label, each with weight
@@ -79,6 +85,16 @@ def transfer_labels(reference: np.ndarray, query: np.ndarray, labels: Sequence, 
     scale of the embedding. The typicality compares the query cell's mean neighbour
     distance with those of the reference cells among themselves, so that a cell far from
     every reference type can be told from one between two types.
+
+    A shift of the whole query (another donor, a stimulation, another species or
+    technology) moves every query cell away from the reference; a type the reference
+    lacks moves only its own cells. With ``adjust_shift``, the query's distances are
+    divided by the ratio of the query's median neighbour distance to the reference's
+    (when above 1) before the comparison, so that only cells far from the reference
+    *relative to the rest of the query* are atypical. This assumes the types the
+    reference lacks are a minority of the query. Measured (docs/annotation.md): without it,
+    81-86% of the IFN-beta-stimulated or mouse cells of known types fell below a
+    typicality of 0.02; with it, 0-1%.
 
     Parameters
     ----------
@@ -94,6 +110,8 @@ def transfer_labels(reference: np.ndarray, query: np.ndarray, labels: Sequence, 
     metric
         scikit-learn's ``NearestNeighbors`` metric; ``"cosine"`` (the default) ignores the
         norm of the embedding, which pooled transformer states carry little meaning in.
+    adjust_shift
+        Measure the typicality relative to the query's median distance (see above).
 
     Returns
     -------
@@ -138,6 +156,7 @@ def transfer_labels(reference: np.ndarray, query: np.ndarray, labels: Sequence, 
     mean_d = np.full(n_q, np.nan, dtype=np.float32)
     typical = np.full(n_q, np.nan, dtype=np.float32)
     ok = ~np.isnan(query).any(axis=1)
+    shift = 1.0
     if ok.any():
         dist, idx = nn.kneighbors(query[ok], n_neighbors=k)
         scale = np.maximum(dist[:, -1:], np.finfo(np.float32).tiny)
@@ -146,6 +165,9 @@ def transfer_labels(reference: np.ndarray, query: np.ndarray, labels: Sequence, 
         np.add.at(votes, (np.repeat(np.arange(len(dist)), k), codes[idx].ravel()), w.ravel())
         probs[ok] = votes / votes.sum(axis=1, keepdims=True)
         mean_d[ok] = dist.mean(axis=1)
-        n_at_least = len(ref_mean) - np.searchsorted(ref_mean, mean_d[ok], side="left")
+        if adjust_shift and np.median(ref_mean) > 0:
+            shift = max(1.0, float(np.median(mean_d[ok]) / np.median(ref_mean)))
+        n_at_least = len(ref_mean) - np.searchsorted(ref_mean, mean_d[ok] / shift,
+                                                     side="left")
         typical[ok] = (n_at_least + 1) / (len(ref_mean) + 1)
-    return LabelTransfer(classes, probs, mean_d, typical)
+    return LabelTransfer(classes, probs, mean_d, typical, shift)
