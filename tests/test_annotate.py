@@ -261,3 +261,58 @@ def test_knn_leaves_nan_labels_out_with_count(caplog):
         sclcm.tl.annotate(query, tiny(), method="knn", reference=ref, label_key="cell_type")
     assert "9 of 120 reference cells have no label" in caplog.text
     assert query.uns["sclcm_label"]["params"]["n_reference"] == 111
+
+
+# --- majority voting and the plot ---
+
+
+def test_majority_voting_over_given_and_computed_clusters(finetuned):
+    model, _ = finetuned
+    query = kang(150)
+    query.obs["half"] = np.where(np.arange(150) < 75, "first", "second")
+    sclcm.tl.annotate(query, model, threshold=0, majority_voting=True, over_clustering="half")
+    per_cell, majority = query.obs["sclcm_label"], query.obs["sclcm_label_majority"]
+    for half in ("first", "second"):
+        rows = (query.obs["half"] == half).to_numpy()
+        assert set(majority[rows]) == {per_cell[rows].value_counts().idxmax()}
+    assert "sclcm_label_cluster" not in query.obs
+    assert query.uns["sclcm_label"]["params"]["over_clustering"] == "half"
+    pytest.importorskip("igraph")
+    sclcm.tl.annotate(query, model, threshold=0, majority_voting=True, key_added="v")
+    clusters = query.obs["v_cluster"]
+    assert clusters.nunique() > 1
+    for c in clusters.unique():  # one label per cluster: the most common one in it
+        rows = (clusters == c).to_numpy()
+        assert query.obs["v_majority"][rows].nunique() == 1
+        assert query.obs["v_majority"][rows].iloc[0] == \
+            query.obs["v"][rows].value_counts().idxmax()
+    with pytest.raises(sclcm.InputError, match="over_clustering 'nope' is not a column"):
+        sclcm.tl.annotate(query, model, majority_voting=True, over_clustering="nope")
+
+
+def test_pl_annotation_confusion_and_f1(finetuned, tmp_path):
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    from sclcm.pl._annotate import annotation_table
+
+    model, _ = finetuned
+    query = kang(100)
+    sclcm.tl.annotate(query, model, threshold=0.4)
+    conf, f1 = annotation_table(query, truth="cell_type")
+    np.testing.assert_allclose(conf.sum(axis=1), 1, rtol=1e-12)
+    assert conf.columns[-1] == "Unassigned"
+    truth, pred = query.obs["cell_type"].astype(str), query.obs["sclcm_label"].astype(str)
+    for c in conf.index:  # each cell of the matrix is the share of the row's cells
+        rows = truth == c
+        assert conf.loc[c, "Unassigned"] == pytest.approx((pred[rows] == "Unassigned").mean())
+    from sklearn.metrics import f1_score
+
+    np.testing.assert_allclose(f1, f1_score(truth, pred, labels=list(f1.index), average=None,
+                                            zero_division=0))
+    fig = sclcm.pl.annotation(query, truth="cell_type", save=str(tmp_path / "a.png"),
+                              show=False)
+    assert (tmp_path / "a.png").stat().st_size > 10_000
+    assert len(fig.axes) == 3  # matrix, colour bar, F1 bars
+    with pytest.raises(KeyError, match=r"Run sclcm\.tl\.annotate"):
+        sclcm.pl.annotation(query, "nope", truth="cell_type")
