@@ -316,3 +316,20 @@ def test_pl_annotation_confusion_and_f1(finetuned, tmp_path):
     assert len(fig.axes) == 3  # matrix, colour bar, F1 bars
     with pytest.raises(KeyError, match=r"Run sclcm\.tl\.annotate"):
         sclcm.pl.annotation(query, "nope", truth="cell_type")
+
+
+def test_calibrated_temperature_is_saved_and_applied(finetuned):
+    model, out = finetuned
+    assert model.temperature == pytest.approx(model.finetune_metrics["temperature"])
+    assert 0.05 <= model.temperature <= 20
+    assert model.temperature != 1.0
+    assert load_classifier(out).temperature == pytest.approx(model.temperature)
+    query = kang(40)
+    sclcm.tl.annotate(query, model, threshold=0, key_added="t")
+    model.temperature = 1.0  # the raw softmax: same argmax, other probabilities
+    try:
+        sclcm.tl.annotate(query, model, threshold=0, key_added="raw")
+    finally:
+        model.temperature = load_classifier(out).temperature
+    assert list(query.obs["t"]) == list(query.obs["raw"])
+    assert not np.allclose(query.obs["t_score"], query.obs["raw_score"])

@@ -324,6 +324,7 @@ def _forward(model: CellModel, cells: CellTokens, *, logits: bool, embedding: bo
         return _run(model, cells, batch_size=batch_size, gene_embeddings=False,
                     device=device, precision=precision).cells, None
     n = cells.adata.n_obs
+    temperature = float(getattr(model, "temperature", 1.0))  # finetune(calibrate=True)
     probs = np.full((n, model.config.n_classes), np.nan, dtype=np.float32)
     emb = np.full((n, model.config.d_model), np.nan, dtype=np.float32) if embedding else None
     budget = Budget.for_device(device)
@@ -344,7 +345,8 @@ def _forward(model: CellModel, cells: CellTokens, *, logits: bool, embedding: bo
                                else model.classifier(res["cell_embedding"]))
                     else:
                         out = class_logits(model, inputs)
-                    probs[first + rows] = torch.softmax(out.float(), -1).cpu().numpy()
+                    probs[first + rows] = torch.softmax(out.float() / temperature,
+                                                        -1).cpu().numpy()
     finally:
         model.train(was_training)
     return emb, probs

@@ -74,6 +74,8 @@ def load_classifier(directory: str | Path, *, device: str | torch.device | None 
                f"has {model.config.n_classes}; restore the directory as finetune wrote it.")
         raise InputError(msg)
     model.labels = labels
+    model.temperature = float(json.loads((Path(directory) / LABELS_FILE).read_text())
+                              .get("temperature", 1.0))
     return model
 
 
@@ -187,7 +189,8 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
              lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int | None = None,
              class_weights: bool = True, val_fraction: float = 0.2, val_every: int | None = None,
              max_tokens: int = MAX_TOKENS, classifier_layers: int | None = None,
-             out_dir: str | Path | None = None, accelerator: str = "auto",
+             calibrate: bool = True, out_dir: str | Path | None = None,
+             accelerator: str = "auto",
              precision: str = "auto", progress_bar: bool = True, seed: int = 0) -> CellModel:
     """Fine-tune a classification head (and the encoder) on labelled cells.
 
@@ -225,6 +228,12 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
         Padded tokens per micro-batch (cells grouped by length).
     classifier_layers
         Layers of the head (default: the model config's).
+    calibrate
+        Fit a temperature on the validation cells after training (temperature scaling:
+        the one scalar ``T`` that minimizes the cross-entropy of ``logits / T``), so that
+        the probabilities :func:`sclcm.tl.annotate` thresholds are calibrated: a short
+        fine-tuning leaves the head under-confident (most cells below 0.5 though most are
+        right). The argmax, and so every label, is unchanged.
     out_dir
         Where to save the model (``save_pretrained``), ``labels.json`` and
         ``metrics.json``; ``None`` saves nothing.
@@ -238,8 +247,8 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
     Returns
     -------
     The fine-tuned :class:`~sclcm.models.CellModel`, with the weights of its best
-    validation macro-F1, its tokenizer, and ``labels`` (class names in the head's order)
-    and ``finetune_metrics`` attributes.
+    validation macro-F1, its tokenizer, and ``labels`` (class names in the head's order),
+    ``temperature`` (1 without ``calibrate``) and ``finetune_metrics`` attributes.
 
     Raises
     ------
@@ -321,14 +330,17 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
     for p in net.parameters():
         p.requires_grad_(requires_grad=True)
     net.labels = list(classes)
+    net.temperature = _temperature(net, val_tok, codes, max_tokens) if calibrate else 1.0
     metrics = {"label_key": label_key, "groupby": groupby, "best_step": module.best_step,
+               "temperature": net.temperature,
                "best_val_macro_f1": module.best_f1, "n_train": int(train_tok.n_cells),
                "n_val": int(val_tok.n_cells), "val_history": module.history,
                "gene_coverage": cells.gene_coverage, "count_coverage": cells.count_coverage}
     net.finetune_metrics = metrics
     if out_dir is not None:
         net.save_pretrained(out_dir)
-        save_labels(out_dir, classes, info={"label_key": label_key})
+        save_labels(out_dir, classes, info={"label_key": label_key,
+                                            "temperature": net.temperature})
         (Path(out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2))
     logg.info(f"    finished: best validation macro-F1 {module.best_f1:.3f} at step "
               f"{module.best_step}", time=start)
@@ -423,6 +435,34 @@ def _tokens(cells: Any, rows: np.ndarray) -> tuple[TokenBatch, int]:
         n_empty += int((np.isin(first + np.arange(batch.n_cells), rows) & empty).sum())
         parts.append(batch.select(pick))
     return TokenBatch.concat(parts), n_empty
+
+
+def _temperature(model: CellModel, tokens: TokenBatch, codes: np.ndarray,
+                 max_tokens: int) -> float:
+    """The temperature that minimizes the cross-entropy of the validation cells' logits
+    (Guo et al. 2017's temperature scaling), fitted on log T so that T stays positive."""
+    logits, y = [], []
+    model.eval()
+    with torch.inference_mode():
+        for mb in _Cells(tokens, max_tokens=max_tokens, train=False, seed=0):
+            inputs = model.inputs(mb.tokens, device=next(model.parameters()).device)
+            logits.append(class_logits(model, inputs).float().cpu())
+            y.append(torch.as_tensor(codes[mb.tokens.cell_index], dtype=torch.long))
+    if not logits:
+        return 1.0
+    z, target = torch.cat(logits), torch.cat(y)
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def nll() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), target)
+        loss.backward()
+        return loss
+
+    opt.step(nll)
+    # a degenerate fit (every validation cell right with a huge margin) runs T to 0
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 def _freeze(model: CellModel, n_layers: int) -> None:
