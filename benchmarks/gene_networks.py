@@ -2,9 +2,10 @@
 
 Each network is built on the same genes and cells three ways: attention
 (:func:`sclcm.tl.attention`, symmetric and both directed forms), the cosine of contextual gene
-embeddings, and co-expression (Pearson's r of log1p counts per 10,000: the baseline), with
-degree-preserving random networks (each method's 20-nearest-gene graph, rewired by igraph's
-edge swaps, the weights shuffled over the new edges) as the null.
+embeddings (both also of the same model untrained: random weights, same tokenizer), and
+co-expression (Pearson's r of log1p counts per 10,000: the baseline), with degree-preserving
+random networks (each method's 20-nearest-gene graph, rewired by igraph's edge swaps, the
+weights shuffled over the new edges) as the null.
 
 (a) CRISPR knockouts (Papalexi et al. 2021, ECCITE-seq, THP-1; 299 measured genes). For each
     knocked-out regulator among the measured genes, its true targets are the genes that
@@ -74,23 +75,39 @@ def differential(y_a: np.ndarray, y_b: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return stats.false_discovery_control(p), fc
 
 
+def untrained(model):
+    """A model of the same shape and tokenizer with random weights: what attention shows
+    without training (the token layout, expression ranks)."""
+    import torch
+
+    from sclcm.models import CellModel
+
+    torch.manual_seed(0)
+    return CellModel(model.config, tokenizer=model.tokenizer).eval()
+
+
 def networks(adata: ad.AnnData, model, genes: list[str], groupby: str) -> dict:
     """Full weight matrices per method and group (NaN diagonal), on the same genes and cells."""
-    t0 = time.perf_counter()
-    sclcm.tl.attention(adata, model, genes=genes, groupby=groupby, top_k=None, min_cells=1)
-    times = {"attention": time.perf_counter() - t0}
-    rec = adata.uns["sclcm_attention"]
     out: dict[str, dict[str, np.ndarray]] = {}
-    for name, form in (("attention (symmetric)", "symmetric"),
-                       ("attention (directed)", "directed")):
-        out[name] = {g: rec[form][g].toarray().astype(np.float64) for g in rec["groups"]}
-    for method in ("embedding", "coexpression"):
+    times = {}
+    random_model = untrained(model)
+    for label, net in (("attention", model), ("attention, untrained", random_model)):
         t0 = time.perf_counter()
-        sclcm.tl.gene_network(adata, method=method, model=model, genes=genes,
+        sclcm.tl.attention(adata, net, genes=genes, groupby=groupby, top_k=None, min_cells=1)
+        times[label] = time.perf_counter() - t0
+        rec = adata.uns["sclcm_attention"]
+        for name, form in ((f"{label} (symmetric)", "symmetric"),
+                           (f"{label} (directed)", "directed")):
+            out[name] = {g: rec[form][g].toarray().astype(np.float64) for g in rec["groups"]}
+    for label, method, net in (("embedding", "embedding", model),
+                               ("embedding, untrained", "embedding", random_model),
+                               ("coexpression", "coexpression", None)):
+        t0 = time.perf_counter()
+        sclcm.tl.gene_network(adata, method=method, model=net, genes=genes,
                               groupby=groupby, top_k=None, n_neighbors=10)
-        times[method] = time.perf_counter() - t0
+        times[label] = time.perf_counter() - t0
         r = adata.uns[f"sclcm_network_{method}"]
-        out[method] = {g: r["weights"][g].toarray().astype(np.float64) for g in r["groups"]}
+        out[label] = {g: r["weights"][g].toarray().astype(np.float64) for g in r["groups"]}
     for ws in out.values():
         for w in ws.values():
             np.fill_diagonal(w, np.nan)
@@ -156,7 +173,11 @@ def knockouts(args, model, rng: np.random.Generator) -> None:
     rows = {"attention (symmetric)": lambda i: w["attention (symmetric)"][i],
             "attention (regulator -> gene)": lambda i: w["attention (directed)"][i],
             "attention (gene -> regulator)": lambda i: w["attention (directed)"][:, i],
+            "attention, untrained (symmetric)": lambda i: w["attention, untrained (symmetric)"][i],
+            "attention, untrained (regulator -> gene)":
+                lambda i: w["attention, untrained (directed)"][i],
             "embedding cosine": lambda i: w["embedding"][i],
+            "embedding cosine, untrained": lambda i: w["embedding, untrained"][i],
             "co-expression |r|": lambda i: np.abs(w["coexpression"][i])}
     randoms = {f"random of {m} ({RANDOM_K}-NN, rewired)":
                [rewired(base, rng) for _ in range(args.n_random)]
@@ -181,6 +202,7 @@ def knockouts(args, model, rng: np.random.Generator) -> None:
     per.insert(0, "targets", [int(truth[r].sum()) for r in per.index])
     print("\n   AUROC per regulator (0.5 = chance):")
     short = {c: c.replace("attention", "att").replace("random of ", "rnd ")
+             .replace(", untrained", " untr.").replace("regulator", "reg")
              .replace(f" ({RANDOM_K}-NN, rewired)", "") for c in per.columns}
     print(per.rename(columns=short).round(2).to_string(max_colwidth=18))
     n_targets = df["regulator"].map(lambda r: int(truth[r].sum()))
@@ -210,6 +232,7 @@ def interferon(args, model, rng: np.random.Generator) -> None:
           + (" ..." if induced.sum() > 25 else ""))
     nets = networks(adata, model, genes, "condition")
     nets.pop("attention (directed)")
+    nets.pop("attention, untrained (directed)")
     expr = frac[cols]
     bins = np.digitize(expr, np.quantile(expr, np.linspace(0, 1, 11)[1:-1]))
     rows = []
