@@ -145,3 +145,19 @@ def test_classifier_fine_tuned_on_the_reference(data):
     score = query["sclcm_score"].to_numpy()
     np.testing.assert_allclose(score, probs.max(axis=1), rtol=1e-6)
     assert ((query["sclcm_label"] == "Unassigned").to_numpy() == (score < 0.5)).all()
+
+
+def test_figure_of_species_labels_and_shared_types(joint, tmp_path):
+    j = joint.copy()
+    with pytest.raises(KeyError, match=r"sc\.tl\.umap"):
+        sclcm.pl.map_species(j, label_key="cell_type", save=str(tmp_path / "no.png"))
+    sc.pp.neighbors(j, use_rep="X_sclcm", n_neighbors=10)
+    sc.tl.umap(j, random_state=0)
+    path = tmp_path / "map.png"
+    fig = sclcm.pl.map_species(j, label_key="cell_type", save=str(path))
+    assert path.stat().st_size > 10_000
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "species" in titles
+    query = j.obs[j.obs["dataset"] == "query"]
+    acc = (query["sclcm_label"].astype(str) == query["cell_type"].astype(str)).mean()
+    assert any(f"accuracy {acc:.3f}" in t for t in titles)
