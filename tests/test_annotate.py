@@ -6,6 +6,7 @@ import logging
 from functools import cache
 
 import anndata as ad
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -333,3 +334,60 @@ def test_calibrated_temperature_is_saved_and_applied(finetuned):
         model.temperature = load_classifier(out).temperature
     assert list(query.obs["t"]) == list(query.obs["raw"])
     assert not np.allclose(query.obs["t_score"], query.obs["raw_score"])
+
+
+# --- exact resume of a killed fine-tuning ---
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class Kill(L.Callback):
+    """Stops the run with an error once ``step`` optimizer steps are done."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            raise Killed
+
+
+class Recorder(L.Callback):
+    """The cells of every training batch, in order."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.batches.append((batch.epoch, batch.index, tuple(batch.tokens.cell_index)))
+
+
+@pytest.mark.slow
+def test_killed_finetuning_resumes_exactly(tmp_path):
+    """240 training cells at 16 a step: 15 steps an epoch; 20 steps cross into epoch 1,
+    validation (and the best step) every 4; dropout on (seeded per step)."""
+    def run(out, **kw):
+        rec = Recorder()
+        model = finetune(kang(), "cell_type", tiny(), max_steps=20, val_every=4,
+                         max_tokens=1024, lr=1e-3, progress_bar=False, accelerator="cpu",
+                         out_dir=out, checkpoint_every=1, callbacks=[rec, *kw.pop("cb", [])],
+                         **kw)
+        return model, rec.batches
+
+    full, full_batches = run(tmp_path / "full")
+    assert {b[0] for b in full_batches} == {0, 1}
+    with pytest.raises(Killed):
+        run(tmp_path / "killed", cb=[Kill(17)])
+    ckpts = tmp_path / "killed" / "checkpoints"
+    # the kill comes before the step's checkpoint (Lightning runs checkpoints last): 16
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 16
+    for resume, step in (("last", 16), (ckpts / "step-0000006.ckpt", 6)):
+        resumed, batches = run(tmp_path / "killed", resume=resume)
+        assert batches == full_batches[step:]
+        torch.testing.assert_close(resumed.state_dict(), full.state_dict(), rtol=0, atol=0)
+        assert resumed.finetune_metrics["best_step"] == full.finetune_metrics["best_step"]
+        assert resumed.temperature == full.temperature
+    with pytest.raises(sclcm.InputError, match="No checkpoint to resume"):
+        run(tmp_path / "never", resume="last")

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 from .. import logging as logg
 from .._checks import InputError
-from ._batching import MicroBatch, micro_batches
+from ._batching import MicroBatch
 from ._module import WarmupCosine, step_seed
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Sequence
 
     from anndata import AnnData
 
@@ -148,6 +148,19 @@ class FinetuneModule(L.LightningModule):
             self.best_state = {k: v.detach().cpu().clone()
                                for k, v in self.model.state_dict().items()}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the best weights so far travel with the checkpoint: a resumed run keeps them
+        checkpoint["sclcm_finetune"] = {"best_f1": self.best_f1, "best_step": self.best_step,
+                                        "best_state": self.best_state,
+                                        "history": self.history}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("sclcm_finetune", {})
+        self.best_f1 = state.get("best_f1", -1.0)
+        self.best_step = state.get("best_step", -1)
+        self.best_state = state.get("best_state")
+        self.history = list(state.get("history", []))
+
     def configure_optimizers(self) -> dict[str, Any]:
         groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]}
                   for g in self.model.param_groups(self.weight_decay)]
@@ -157,41 +170,16 @@ class FinetuneModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-class _Cells(torch.utils.data.IterableDataset):
-    """Micro-batches of ``tokens``: reshuffled every pass (``train``), or in a fixed order."""
-
-    def __init__(self, tokens: TokenBatch, *, max_tokens: int, train: bool, seed: int,
-                 block: int = 1024) -> None:
-        super().__init__()
-        self.tokens, self.max_tokens, self.train = tokens, max_tokens, train
-        self.seed, self.block = seed, block
-
-    def __iter__(self) -> Iterator[MicroBatch]:
-        epoch = 0
-        while True:
-            rng = np.random.default_rng([self.seed, epoch])
-            order = rng.permutation(self.tokens.n_cells) if self.train else \
-                np.arange(self.tokens.n_cells)
-            index = 0
-            for i in range(0, len(order), self.block):
-                block = self.tokens.select(order[i:i + self.block])
-                for mb in micro_batches(block, self.max_tokens,
-                                        rng=rng if self.train else None):
-                    yield MicroBatch(mb, epoch, index)
-                    index += 1
-            if not self.train:
-                return
-            epoch += 1
-
-
 def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str | None = None,
              layer: str | None = None, freeze_layers: int = 0, max_steps: int = 500,
              lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int | None = None,
              class_weights: bool = True, val_fraction: float = 0.2, val_every: int | None = None,
              max_tokens: int = MAX_TOKENS, classifier_layers: int | None = None,
              calibrate: bool = True, out_dir: str | Path | None = None,
-             accelerator: str = "auto",
-             precision: str = "auto", progress_bar: bool = True, seed: int = 0) -> CellModel:
+             accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto",
+             precision: str = "auto", checkpoint_every: int | None = None,
+             resume: str | Path | None = None, callbacks: Sequence[L.Callback] = (),
+             progress_bar: bool = True, seed: int = 0) -> CellModel:
     """Fine-tune a classification head (and the encoder) on labelled cells.
 
     Parameters
@@ -237,8 +225,19 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
     out_dir
         Where to save the model (``save_pretrained``), ``labels.json`` and
         ``metrics.json``; ``None`` saves nothing.
-    accelerator, precision
-        Lightning's; ``precision="auto"``: bf16 mixed on a GPU, 32-bit elsewhere.
+    accelerator, devices, strategy, precision
+        Lightning's, as in pretraining (``strategy="ddp"`` with ``devices=N`` trains on N
+        ranks, each on its share of the training cells); ``precision="auto"``: bf16 mixed
+        on a GPU, 32-bit elsewhere.
+    checkpoint_every
+        Write a resumable checkpoint (weights, optimizer, data position, best step so far)
+        to ``out_dir/checkpoints`` every this many steps, and ``last.ckpt``; ``None``: none.
+    resume
+        ``"last"`` (``out_dir/checkpoints/last.ckpt``) or a checkpoint path: continue a
+        killed run exactly (same batches, same dropout, same weights as an uninterrupted
+        run). The other arguments must be those of the killed run.
+    callbacks
+        More Lightning callbacks.
     progress_bar
         Lightning's progress bar.
     seed
@@ -254,12 +253,13 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
     ------
     sclcm.InputError
         ``label_key`` or ``groupby`` missing, all labels NaN, fewer than two classes, a
-        class with fewer than :data:`MIN_CELLS_PER_CLASS` cells (named), a split that
+        class with fewer than ``MIN_CELLS_PER_CLASS`` cells (named), a split that
         leaves a class out of training, or no gene of the model's vocabulary.
     """
     from ..models import CellModel
     from ..tl._cells import CellTokens, check_tool_input
     from ..tl._model_ref import get_model
+    from ._finetune_data import FinetuneData
     from ._run import quiet_lightning, resolve_precision
 
     codes, classes, groups = _check_labels(adata, label_key, groupby, layer)
@@ -270,6 +270,11 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
     if max_steps < 1:
         msg = f"max_steps must be a positive number of optimizer steps, not {max_steps!r}."
         raise ValueError(msg)
+    if (checkpoint_every or resume is not None) and out_dir is None:
+        msg = ("checkpoint_every and resume need out_dir: the checkpoints live in "
+               "out_dir/checkpoints.")
+        raise InputError(msg)
+    ckpt_path = _checkpoint(out_dir, resume)
     base = get_model(model)  # a CellModel stays where it is: its weights are copied
     if not 0 <= freeze_layers <= base.config.n_layers:
         msg = (f"freeze_layers must be between 0 and the model's {base.config.n_layers} "
@@ -308,22 +313,32 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
                             warmup_steps, max_steps=max_steps, seed=seed)
     quiet_lightning()
     every = max(1, max_steps // 10) if val_every is None else int(val_every)
+    callbacks = list(callbacks)
+    if checkpoint_every:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(
+            dirpath=Path(out_dir) / "checkpoints", filename="step-{step:07d}",
+            auto_insert_metric_name=False, every_n_train_steps=int(checkpoint_every),
+            save_top_k=-1, save_last=True))
     trainer = L.Trainer(max_steps=max_steps, max_epochs=-1, val_check_interval=every,
                         check_val_every_n_epoch=None, num_sanity_val_steps=0,
-                        accelerator=accelerator, devices=1,
+                        accelerator=accelerator, devices=devices, strategy=strategy,
                         precision=resolve_precision(precision, accelerator),
-                        logger=False, enable_checkpointing=False,
-                        enable_progress_bar=progress_bar, enable_model_summary=False,
-                        gradient_clip_val=1.0)
-    loader = dict(batch_size=None, num_workers=0)  # tokens are in memory: no workers
+                        logger=False, enable_checkpointing=bool(checkpoint_every),
+                        callbacks=callbacks, enable_progress_bar=progress_bar,
+                        enable_model_summary=False, gradient_clip_val=1.0,
+                        default_root_dir=out_dir)
+    data = FinetuneData(train_tok, val_tok, max_tokens=max_tokens, seed=seed)
     with warnings.catch_warnings():
         # Lightning 2.6 on torch >= 2.10 warns about its own use of torch's pytree API
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
         warnings.filterwarnings("ignore", message=r".*does not have many workers")
-        trainer.fit(module, torch.utils.data.DataLoader(
-            _Cells(train_tok, max_tokens=max_tokens, train=True, seed=seed), **loader),
-            torch.utils.data.DataLoader(
-                _Cells(val_tok, max_tokens=max_tokens, train=False, seed=seed), **loader))
+        if ckpt_path is not None:  # resuming into the run's folder: it has checkpoints
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* not empty")
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    if not trainer.is_global_zero:  # DDP: rank 0 calibrates, saves and returns the model
+        return net
     if module.best_state is not None:
         net.load_state_dict(module.best_state)
     net = net.cpu().eval()
@@ -441,10 +456,12 @@ def _temperature(model: CellModel, tokens: TokenBatch, codes: np.ndarray,
                  max_tokens: int) -> float:
     """The temperature that minimizes the cross-entropy of the validation cells' logits
     (Guo et al. 2017's temperature scaling), fitted on log T so that T stays positive."""
+    from ._finetune_data import val_batches
+
     logits, y = [], []
     model.eval()
     with torch.inference_mode():
-        for mb in _Cells(tokens, max_tokens=max_tokens, train=False, seed=0):
+        for mb in val_batches(tokens, max_tokens):
             inputs = model.inputs(mb.tokens, device=next(model.parameters()).device)
             logits.append(class_logits(model, inputs).float().cpu())
             y.append(torch.as_tensor(codes[mb.tokens.cell_index], dtype=torch.long))
@@ -463,6 +480,19 @@ def _temperature(model: CellModel, tokens: TokenBatch, codes: np.ndarray,
     opt.step(nll)
     # a degenerate fit (every validation cell right with a huge margin) runs T to 0
     return float(log_t.detach().exp().clamp(0.05, 20.0))
+
+
+def _checkpoint(out_dir: str | Path | None, resume: str | Path | None) -> str | None:
+    """The checkpoint to resume from (``"last"``: the run's ``last.ckpt``), checked."""
+    if resume is None:
+        return None
+    path = Path(out_dir) / "checkpoints" / "last.ckpt" if str(resume) == "last" else \
+        Path(resume).expanduser()
+    if not path.is_file():
+        msg = (f"No checkpoint to resume at {path}: pass resume='last' with the out_dir of a "
+               "run that had checkpoint_every set, or the path of one of its .ckpt files.")
+        raise InputError(msg)
+    return str(path)
 
 
 def _freeze(model: CellModel, n_layers: int) -> None:
