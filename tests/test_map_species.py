@@ -135,11 +135,16 @@ def test_shared_cell_names_are_made_unique(data):
 @pytest.mark.slow
 def test_classifier_fine_tuned_on_the_reference(data):
     human, mouse = data
+    full = ad.read_h5ad(data_path(HUMAN))
+    epsilon = full[(full.obs["cell_type"] == "epsilon").to_numpy()]  # 3 cells: too few
+    human = ad.concat([human, epsilon], merge="same")
+    human.obs["cell_type"] = human.obs["cell_type"].astype(str)
     j = sclcm.tl.map_species(mouse, human, label_key="cell_type", method="classifier",
                              finetune={"max_steps": 4, "val_every": 2})
     query = j.obs[j.obs["dataset"] == "query"]
     assert j.uns["sclcm"]["method"] == "classifier"
-    assert sorted(j.uns["sclcm"]["classes"]) == sorted(TYPES)
+    assert sorted(j.uns["sclcm"]["classes"]) == sorted(TYPES)  # epsilon left out of it
+    assert (j.obs["cell_type"] == "epsilon").sum() == 3  # but its cells are in the joint
     probs = j.obsm["sclcm_probabilities"][(j.obs["dataset"] == "query").to_numpy()]
     np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)
     score = query["sclcm_score"].to_numpy()

@@ -63,7 +63,8 @@ def map_species(query: AnnData, reference: AnnData, *,
         ``"knn"``: each query cell takes the distance-weighted vote of its ``k`` nearest
         reference cells in the joint embedding (:func:`sclcm.tl._transfer.transfer_labels`);
         no training. ``"classifier"``: the head of a classifier fine-tuned on the reference
-        (:func:`sclcm.train.finetune`, with ``finetune`` as its options).
+        (:func:`sclcm.train.finetune`, with ``finetune`` as its options; reference types
+        with fewer than 5 cells are left out of it, with a warning).
     orthologs
         ``"one2one"`` or ``"all"`` (:data:`sclcm.genes.ORTHOLOG_RULES`): which orthologs
         carry a species' genes onto the model's; see :func:`sclcm.tl.embed`.
@@ -238,7 +239,15 @@ def _model(model: Any, method: str, reference: AnnData, label_key: str,
     if fine_tuned:
         return _classifier(model, device)[0]
     from ..train import finetune as finetune_
+    from ..train._finetune import MIN_CELLS_PER_CLASS
 
+    counts = reference.obs[label_key].value_counts()
+    rare = list(counts.index[(counts > 0) & (counts < MIN_CELLS_PER_CLASS)])
+    if rare and not reference.isbacked:
+        # a type too rare to train and validate on: the kNN method can still use it
+        logg.warning(f"reference types with fewer than {MIN_CELLS_PER_CLASS} cells are left "
+                     f"out of the classifier: {', '.join(map(str, rare))}")
+        reference = reference[~reference.obs[label_key].isin(rare).to_numpy()]
     options = {"layer": reference_layer, "progress_bar": False, **(finetune or {})}
     logg.info(f"fine-tuning a classifier on the {reference.n_obs} reference cells")
     return get_model(finetune_(reference, label_key, model, **options), device=device)
