@@ -185,18 +185,10 @@ def _symbols(ids: list[str]) -> list[str | None]:
 def pretrain_command(config: str, out: Path | None, resume: str | None,
                      sets: list[str]) -> dict:
     """Run ``sclcm.train.pretrain`` on a config file or shipped preset; print the metrics."""
-    import yaml
-
     from ._checks import InputError
     from .train import pretrain
 
-    overrides = {}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            msg = f"--set takes KEY=VALUE (e.g. optim.max_steps=100), not {item!r}."
-            raise SystemExit(msg)
-        overrides[key.strip()] = yaml.safe_load(value)  # numbers, lists, null as in YAML
+    overrides = _overrides(sets)
     if out is not None:
         overrides["out_dir"] = str(out)
     if resume is not None:
@@ -209,6 +201,40 @@ def pretrain_command(config: str, out: Path | None, resume: str | None,
         shown = {k: v for k, v in metrics.items() if k != "config"}
         print(json.dumps(shown, indent=1, default=str))
     return metrics
+
+
+def finetune_command(config: str, out: Path | None, resume: str | None,
+                     sets: list[str]) -> None:
+    """Run ``sclcm.train.finetune`` on a YAML config; print the validation metrics."""
+    from ._checks import InputError
+    from .train import run_finetune
+
+    overrides = _overrides(sets)
+    if out is not None:
+        overrides["out_dir"] = str(out)
+    if resume is not None:
+        overrides["trainer.resume"] = resume
+    try:
+        model = run_finetune(config, overrides=overrides)
+    except InputError as e:  # a config or data error: its message is the fix
+        raise SystemExit(f"sclcm finetune: {e}") from None
+    m = getattr(model, "finetune_metrics", None)
+    if m:  # rank 0 (the other DDP ranks return without metrics)
+        shown = {k: v for k, v in m.items() if k != "val_history"}
+        print(json.dumps({"labels": model.labels, **shown}, indent=1, default=str))
+
+
+def _overrides(sets: list[str]) -> dict:
+    import yaml
+
+    overrides = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            msg = f"--set takes KEY=VALUE (e.g. optim.max_steps=100), not {item!r}."
+            raise SystemExit(msg)
+        overrides[key.strip()] = yaml.safe_load(value)  # numbers, lists, null as in YAML
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,6 +259,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", help="a checkpoint to resume from, or 'last'")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.max_steps=100 (repeatable)")
+    f = sub.add_parser("finetune", help="fine-tune a cell-type classifier from a YAML "
+                       "config (see docs/annotation.md)")
+    f.add_argument("--config", required=True, help="a YAML file (data, model, optim, "
+                   "trainer, out_dir)")
+    f.add_argument("--out", type=Path, help="output folder (overrides out_dir)")
+    f.add_argument("--resume", help="'last' or a checkpoint of a killed run to continue")
+    f.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.max_steps=100 (repeatable)")
     args = parser.parse_args(argv)
 
     import matplotlib
@@ -244,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         demo(args.data, args.out, args.model)
     elif args.command == "pretrain":
         pretrain_command(args.config, args.out, args.resume, args.sets)
+    elif args.command == "finetune":
+        finetune_command(args.config, args.out, args.resume, args.sets)
 
 
 if __name__ == "__main__":

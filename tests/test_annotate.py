@@ -391,3 +391,46 @@ def test_killed_finetuning_resumes_exactly(tmp_path):
         assert resumed.temperature == full.temperature
     with pytest.raises(sclcm.InputError, match="No checkpoint to resume"):
         run(tmp_path / "never", resume="last")
+
+
+# --- sclcm finetune --config ---
+
+
+def test_cli_finetune_then_annotate(tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from sclcm.cli import main
+
+    tok = tiny()
+    tok.save_pretrained(tmp_path / "start", tokenizer=tok.tokenizer)
+    kang(200).write_h5ad(tmp_path / "ref.h5ad")
+    cfg = {"data": {"h5ad": "ref.h5ad", "label_key": "cell_type", "groupby": "donor"},
+           "model": {"start": str(tmp_path / "start")},
+           "optim": {"max_steps": 3, "lr": "1e-3", "max_tokens": 2048},
+           "trainer": {"accelerator": "cpu", "val_every": 3, "checkpoint_every": 1},
+           "out_dir": "run"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    main(["finetune", "--config", str(tmp_path / "run.yaml"), "--set", "optim.max_steps=2"])
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.index("{\n"):])
+    assert printed["labels"] == ["B cells", "CD14+ Monocytes", "CD4 T cells", "NK cells"]
+    assert printed["groupby"] == "donor"
+    run = tmp_path / "run"  # relative to the config's folder
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)[
+        "global_step"] == 2
+    query = kang(30)
+    sclcm.tl.annotate(query, run, threshold=0)
+    assert set(query.obs["sclcm_label"]) <= set(printed["labels"])
+    # resuming a finished run trains no further and saves the same weights
+    before = load_classifier(run).state_dict()
+    main(["finetune", "--config", str(tmp_path / "run.yaml"), "--set", "optim.max_steps=2",
+          "--resume", "last"])
+    torch.testing.assert_close(load_classifier(run).state_dict(), before, rtol=0, atol=0)
+    with pytest.raises(SystemExit, match=r"Unknown key optim\.stepz"):
+        main(["finetune", "--config", str(tmp_path / "run.yaml"), "--set", "optim.stepz=1"])
+    with pytest.raises(SystemExit, match="No checkpoint to resume"):
+        main(["finetune", "--config", str(tmp_path / "run.yaml"), "--out",
+              str(tmp_path / "none"), "--resume", "last"])

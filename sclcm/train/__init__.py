@@ -21,6 +21,7 @@ from ._cell_objectives import PanelTargets, choose_panel, info_nce, reconstructi
 from ._config import ConfigError, ObjectivesConfig, PretrainConfig, load_config
 from ._datamodule import PretrainDataModule
 from ._finetune import FinetuneModule, finetune, load_classifier, load_labels, save_labels
+from ._finetune_config import FinetuneConfig, load_finetune_config, run_finetune
 from ._module import (
     NonFiniteLossError,
     PretrainModule,
@@ -33,6 +34,7 @@ from ._run import pretrain
 
 __all__ = [
     "ConfigError",
+    "FinetuneConfig",
     "FinetuneModule",
     "FrequencyBaseline",
     "MicroBatch",
@@ -52,12 +54,14 @@ __all__ = [
     "info_nce",
     "load_classifier",
     "load_config",
+    "load_finetune_config",
     "load_labels",
     "masked_losses",
     "micro_batches",
     "model_from_checkpoint",
     "pretrain",
     "reconstruction_loss",
+    "run_finetune",
     "save_labels",
     "split_further",
     "total_loss",
