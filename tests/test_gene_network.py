@@ -8,8 +8,9 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
-from conftest import KANG_IFNB, assert_unchanged, data_path, snapshot
+from conftest import KANG_IFNB, PBMC3K, assert_unchanged, data_path, snapshot
 from scipy import sparse
+from test_tl_embed import FAMILIES, tiny_model
 
 import sclcm
 import sclcm.tl._attention as attention_mod
@@ -58,7 +59,7 @@ def explicit_attention(model, adata, genes, layers, heads):
     G = len(genes)
     sums, counts = np.zeros((G, G)), np.zeros((G, G))
     for r in range(adata.n_obs):
-        sums, counts = _add_cell(model, tok.encode(adata.X[r:r + 1], cmap), vocab_id,
+        sums, counts = _add_cell(model, tok.encode(adata.X[r:r + 1], cmap, start=r), vocab_id,
                                  layers, heads, sums, counts)
     with np.errstate(invalid="ignore"):
         mean = sums / counts
@@ -76,13 +77,16 @@ def _add_cell(model, batch, vocab_id, layers, heads, sums, counts):
         block = model.encoder.blocks[layer]
         x = out["hidden_states"][layer]  # the block's input
         x = block.ln_1(x) if block.pre_norm else x
-        q, k, _ = block.attn.qkv(x).double().view(len(ids), 3, model.config.n_heads,
+        q, k, _ = block.attn.qkv(x).double().view(len(x), 3, model.config.n_heads,
                                                    -1).unbind(1)
         s = torch.einsum("ihd,jhd->hij", q, k) / q.shape[-1] ** 0.5
         p = p + s.softmax(-1)[heads].mean(0).numpy() / len(layers)
+    # the encoder puts scFoundation's two read-depth tokens before each cell's genes
+    n_prefix = 2 if model.config.depth_tokens else 0
     pos = [t for t, i in enumerate(ids) if int(i) in vocab_id]
     where = [vocab_id[int(ids[t])] for t in pos]
-    sums[np.ix_(where, where)] += p[np.ix_(pos, pos)]
+    enc = [t + n_prefix for t in pos]
+    sums[np.ix_(where, where)] += p[np.ix_(enc, enc)]
     counts[np.ix_(where, where)] += 1
     return sums, counts
 
@@ -114,6 +118,31 @@ def test_attention_equals_per_cell_softmax(kang, genes, model, layers, heads):
     assert rec["params"]["heads"] == hds
     # the attention is far from even: a test that a uniform map would not pass
     assert got[seen].std() > 0.2 * got[seen].mean()
+
+
+@pytest.fixture(scope="module")
+def pbmc30():
+    return ad.read_h5ad(data_path(PBMC3K))[:30].copy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_per_cell_every_family(family, pbmc30):
+    """Each family's token layout (scGPT's <cls>, scBERT's full panel, scFoundation's
+    read-depth tokens before the genes) maps to the right genes; tiny random models."""
+    model = tiny_model(family)
+    adata = pbmc30.copy()
+    slot = model.tokenizer.column_map(adata).slot
+    cols = np.flatnonzero(slot >= 0)
+    frac = np.asarray((adata.X[:, cols] > 0).mean(0)).ravel()
+    genes = list(adata.var_names[cols[np.argsort(-frac, kind="stable")[:15]]])
+    sclcm.tl.attention(adata, model, genes=genes, top_k=None, min_cells=1)
+    last = [model.config.n_layers - 1]
+    want = explicit_attention(model, adata, genes, last, list(range(model.config.n_heads)))
+    got = adata.uns["sclcm_attention"]["directed"]["all"].toarray()
+    seen = np.isfinite(want)
+    assert seen.sum() > 100
+    np.testing.assert_allclose(got[seen], want[seen], rtol=1e-4, atol=2e-6)
 
 
 @pytest.mark.slow
@@ -236,9 +265,12 @@ def test_keys_complete_and_h5ad_roundtrip(networked, genes, tmp_path):
         assert (att["n_pairs"][g].data >= 5).all()  # min_cells
     for method in ("attention", "embedding", "coexpression"):
         rec = adata.uns[f"sclcm_network_{method}"]
-        assert set(rec) == {"genes", "groups", "weights", "graph", "programmes",
+        assert set(rec) == {"genes", "groups", "weights", "graph", "programmes", "hubs",
                             "neighbours", "difference", "params"}
         assert rec["programmes"].shape == (len(genes), 2)
+        # a gene's hub count is how often it is a neighbour in the table
+        counts = rec["neighbours"].query("group == 'stim'")["neighbour"].value_counts()
+        assert rec["hubs"]["stim"].to_dict() == counts.reindex(genes, fill_value=0).to_dict()
         assert len(rec["neighbours"]) <= 2 * 5 * len(genes)
         assert list(rec["difference"].columns) == ["gene_1", "gene_2", "weight_ctrl",
                                                    "weight_stim", "change"]

@@ -118,6 +118,10 @@ def gene_network(adata: AnnData, *, method: str = "attention",
     ``neighbours``
         DataFrame: ``group``, ``gene``, ``rank`` (1 = strongest), ``neighbour``,
         ``weight``; ``n_neighbors`` rows per gene.
+    ``hubs``
+        DataFrame, genes x groups: how many genes count each gene among their
+        ``n_neighbors`` strongest edges (with directed attention: the genes whose tokens
+        attend most to it; Geneformer reads network hubs this way).
     ``difference``
         With ``compare``: DataFrame of the ``n_changed`` pairs with the largest
         ``|weight_b - weight_a|``: ``gene_1``, ``gene_2``, ``weight_<a>``, ``weight_<b>``,
@@ -173,15 +177,19 @@ def gene_network(adata: AnnData, *, method: str = "attention",
         params["compare"] = list(compare)
     record: dict[str, Any] = {"genes": names, "groups": np.asarray(group_names, dtype=str),
                               "weights": {}, "graph": {}}
-    programmes, tables = {}, []
+    programmes, hubs, tables = {}, {}, []
     for name, w in zip(group_names, weights, strict=True):
         np.fill_diagonal(w, np.nan)
         record["weights"][name] = top_edges(w, top_k, symmetric=form == "symmetric")
         graph = top_edges(np.where(w > 0, w, np.nan), n_neighbors, symmetric=True)
         record["graph"][name] = graph
         programmes[name] = leiden_programmes(graph, resolution=resolution, seed=random_state)
-        tables.append(neighbour_table(w, names, n_neighbors).assign(group=name))
-    record["programmes"] = pd.DataFrame(programmes, index=pd.Index(names, name="gene"))
+        table = neighbour_table(w, names, n_neighbors)
+        hubs[name] = table["neighbour"].value_counts().reindex(names, fill_value=0).to_numpy()
+        tables.append(table.assign(group=name))
+    index = pd.Index(names, name="gene")
+    record["programmes"] = pd.DataFrame(programmes, index=index)
+    record["hubs"] = pd.DataFrame(hubs, index=index)
     record["neighbours"] = pd.concat(tables, ignore_index=True)[
         ["group", "gene", "rank", "neighbour", "weight"]]
     if compare is not None:
