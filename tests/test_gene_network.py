@@ -64,7 +64,8 @@ def explicit_attention(model, adata, genes, layers, heads):
     with np.errstate(invalid="ignore"):
         mean = sums / counts
     np.fill_diagonal(mean, np.nan)
-    return mean
+    np.fill_diagonal(counts, 0)
+    return mean, counts
 
 
 @torch.no_grad()
@@ -103,7 +104,7 @@ def test_attention_equals_per_cell_softmax(kang, genes, model, layers, heads):
     hds = list(range(model.config.n_heads)) if heads is None else heads
     cond = sub.obs["condition"].astype(str).to_numpy()
     for group in ("ctrl", "stim"):
-        want = explicit_attention(model, sub[cond == group], genes, lay, hds)
+        want, n_pairs = explicit_attention(model, sub[cond == group], genes, lay, hds)
         got = rec["directed"][group].toarray()
         seen = np.isfinite(want)
         assert seen.sum() > 200  # most pairs of these genes share cells
@@ -114,6 +115,7 @@ def test_attention_equals_per_cell_softmax(kang, genes, model, layers, heads):
         np.testing.assert_allclose(sym[seen], ((want + want.T) / 2)[seen], rtol=1e-4,
                                    atol=2e-6)
         assert rec["n_cells"][group] == (cond == group).sum()
+        np.testing.assert_array_equal(rec["n_pairs"][group].toarray(), n_pairs)
     assert rec["params"]["layers"] == lay
     assert rec["params"]["heads"] == hds
     # the attention is far from even: a test that a uniform map would not pass
@@ -138,7 +140,8 @@ def test_attention_per_cell_every_family(family, pbmc30):
     genes = list(adata.var_names[cols[np.argsort(-frac, kind="stable")[:15]]])
     sclcm.tl.attention(adata, model, genes=genes, top_k=None, min_cells=1)
     last = [model.config.n_layers - 1]
-    want = explicit_attention(model, adata, genes, last, list(range(model.config.n_heads)))
+    want, _ = explicit_attention(model, adata, genes, last,
+                                 list(range(model.config.n_heads)))
     got = adata.uns["sclcm_attention"]["directed"]["all"].toarray()
     seen = np.isfinite(want)
     assert seen.sum() > 100

@@ -312,8 +312,9 @@ def attention(adata: AnnData, model: str | Path | CellModel | None = None, *,
         record["directed"][name] = top_edges(mean, top_k)
         sym = top_edges((mean + mean.T) / 2, top_k, symmetric=True)
         record["symmetric"][name] = sym
+        rows = np.repeat(np.arange(sym.shape[0]), np.diff(sym.indptr))  # of stored entries
         record["n_pairs"][name] = sparse.csr_matrix(
-            (counts[g][sym.nonzero()].astype(np.int32), sym.indices, sym.indptr),
+            (counts[g][rows, sym.indices].astype(np.int32), sym.indices, sym.indptr),
             shape=sym.shape)
         record["n_cells"][name] = int(n_cells[g])
     record["model"] = _model_id(model)
