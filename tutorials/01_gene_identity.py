@@ -9,9 +9,7 @@ import os
 from pathlib import Path
 
 import anndata as ad
-import matplotlib
 
-matplotlib.use("Agg")
 import sclcm
 
 DATA = Path(os.environ.get("SCLCM_DATA", "../shared/data"))

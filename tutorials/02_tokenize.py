@@ -9,11 +9,8 @@ import os
 from pathlib import Path
 
 import anndata as ad
-import matplotlib
-import numpy as np
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
 import sclcm
 from sclcm.tokenizers import (

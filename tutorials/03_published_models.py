@@ -18,11 +18,8 @@ import time
 from pathlib import Path
 
 import anndata as ad
-import matplotlib
-import numpy as np
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 
 import sclcm
 

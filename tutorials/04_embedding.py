@@ -17,12 +17,9 @@ import os
 from pathlib import Path
 
 import anndata as ad
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import scanpy as sc
 
 import sclcm

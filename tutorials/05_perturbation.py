@@ -17,12 +17,9 @@ import os
 from pathlib import Path
 
 import anndata as ad
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 import sclcm
 
@@ -83,7 +80,6 @@ print(rec["table"].head(12).to_string(float_format="{:.3g}".format))
 
 # %%
 sclcm.pl.perturbation(ctrl, n_top=15, save=OUT / "perturbation_screen.png")
-plt.close("all")
 
 # %% [markdown]
 # ## Predicted against observed

@@ -172,7 +172,7 @@ class CensusStream(CellStream):
 
     @property
     def genes(self) -> GeneSpace:
-        """The blocks' columns: the query's genes (index ``feature_id``)."""
+        """The genes of the blocks' columns, those of the query (index ``feature_id``)."""
         self._build()
         return self._genes
 

@@ -37,7 +37,7 @@ class EpochLoader(DataLoader):
 class CellDataModule(L.LightningDataModule):
     """Cell streams for a Lightning ``Trainer``, one DataLoader per split.
 
-    In :meth:`setup` each stream is told the trainer's ``global_rank`` and ``world_size``
+    In ``setup`` each stream is told the trainer's ``global_rank`` and ``world_size``
     (nothing is read from environment variables, so any launcher and node count works);
     each epoch's DataLoader iteration sets the stream's epoch to ``trainer.current_epoch``.
     Streams are built lazily, so they can be made before the trainer starts processes.

@@ -120,10 +120,10 @@ class Packing:
 
     @cached_property
     def buckets(self) -> list[Bucket]:
-        """The cells in length buckets, for the padded backends (see :class:`Bucket`).
+        """The cells in length buckets, for the padded backends (see ``Bucket``).
 
         Cells sorted by length are grouped so that each group's ``n x L`` grid holds at most
-        :data:`BUCKET_WASTE` times its real tokens.
+        ``BUCKET_WASTE`` times its real tokens.
         """
         lengths = self.lengths.tolist()
         order = sorted((c for c in range(self.n_cells) if lengths[c]),

@@ -324,7 +324,7 @@ class ModelConfig:
             Field names to values.
         defaults
             Values of fields ``d`` may lack because it predates them (see
-            :data:`sclcm.models._io.ADDED_FIELDS`).
+            ``sclcm.models._io.ADDED_FIELDS``).
         source
             Where ``d`` came from (a ``config.json``), for the messages.
 

@@ -58,7 +58,7 @@ def annotate(query: AnnData, model: str | Path | CellModel | None = None, *,
         ``"classifier"``: the softmax of the fine-tuned head. ``"knn"``: no training; the
         reference and the query are embedded with ``model`` and each query cell takes
         the distance-weighted vote of its ``k`` nearest reference cells
-        (:func:`~sclcm.tl._transfer.transfer_labels`).
+        (``sclcm.tl._transfer.transfer_labels``).
     reference, label_key, reference_layer
         ``method="knn"``: the labelled reference, its ``obs`` column of labels (NaN
         labels are left out, with a warning that counts them) and the layer it is read
@@ -67,7 +67,7 @@ def annotate(query: AnnData, model: str | Path | CellModel | None = None, *,
         ``method="knn"``: reference neighbours per query cell.
     threshold
         Cells whose score is below it are ``"Unassigned"``; 0 assigns every cell.
-        ``None``: the method's default (:data:`THRESHOLDS`), chosen by measuring how
+        ``None``: the method's default (``THRESHOLDS`` in the module), chosen by measuring how
         often cells of a type the reference lacks are rejected (docs/annotation.md).
     majority_voting
         Also give every cell the most common label of its cluster in an over-clustering
@@ -110,7 +110,7 @@ def annotate(query: AnnData, model: str | Path | CellModel | None = None, *,
         ``classes``, ``method``, ``model``, ``n_unassigned``, ``gene_coverage``,
         ``count_coverage``, ``species`` (query's, and the reference's for knn),
         ``distance_shift`` (knn: the query's shift, see
-        :func:`~sclcm.tl._transfer.transfer_labels`), ``params`` (every argument that
+        ``sclcm.tl._transfer.transfer_labels``), ``params`` (every argument that
         changes the result).
 
     Raises

@@ -61,12 +61,12 @@ class ColumnMap:
 
     @cached_property
     def column_token_ids(self) -> np.ndarray:
-        """Per input column: its token id, or -1 where the column has no token."""
+        """The token id of each input column, or -1 where the column has no token."""
         return np.where(self.slot >= 0, self.token_ids[np.maximum(self.slot, 0)], -1)
 
     @cached_property
     def duplicated_slot(self) -> np.ndarray:
-        """Per slot: whether several columns map to it."""
+        """For each slot, whether several columns map to it."""
         return np.bincount(self.slot[self.slot >= 0], minlength=self.n_slots) > 1
 
     @property
@@ -76,7 +76,7 @@ class ColumnMap:
 
     @cached_property
     def codes(self) -> np.ndarray:
-        """:attr:`slot` for the compiled kernels, with a bit set where the slot is shared."""
+        """``slot`` for the compiled kernels, with a bit set where the slot is shared."""
         from ._compiled import SHARED
 
         codes = self.slot.copy()
@@ -221,9 +221,9 @@ def prepare_block(X, cmap: ColumnMap, *, require_integers: bool,
 class Tokenizer:
     """Base of the four families: ``encode`` a block of cells into a :class:`TokenBatch`.
 
-    Subclasses set :attr:`name`, implement :meth:`_encode` (a :class:`Block` in, a
-    :class:`TokenBatch` out) and list their options in :attr:`_options`; arrays of
-    fitted state are listed in :attr:`_arrays`.
+    Subclasses set ``name``, implement ``_encode`` (a ``Block`` in, a
+    :class:`TokenBatch` out) and list their options in ``_options``; arrays of
+    fitted state are listed in ``_arrays``.
     """
 
     name: ClassVar[str]

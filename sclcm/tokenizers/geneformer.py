@@ -114,7 +114,7 @@ class GeneformerTokenizer(Tokenizer):
 
     def fit(self, adata: AnnData, *, layer: str | None = None, report: GeneReport | None = None,
             method: str = "auto", max_exact_nnz: int = 200_000_000) -> GeneformerTokenizer:
-        """Set :attr:`medians` from the non-zero normalized expression in ``adata``.
+        """Set ``medians`` from the non-zero normalized expression in ``adata``.
 
         Parameters
         ----------
@@ -122,7 +122,7 @@ class GeneformerTokenizer(Tokenizer):
             The corpus (in memory or ``backed="r"``), read in row blocks.
         method
             ``"exact"``, ``"histogram"`` (streaming, constant memory, within 0.9% of the
-            exact median; see :mod:`sclcm.tokenizers._medians`) or ``"auto"``: exact up to
+            exact median; see ``sclcm.tokenizers._medians``) or ``"auto"``: exact up to
             ``max_exact_nnz`` stored values.
         """
         saved, self.medians = self.medians, None
@@ -141,7 +141,7 @@ class GeneformerTokenizer(Tokenizer):
 
     def fit_blocks(self, blocks: Iterable[tuple[object, ColumnMap]], *,
                    method: str = "histogram") -> GeneformerTokenizer:
-        """Set :attr:`medians` from a stream of ``(counts block, ColumnMap)`` pairs.
+        """Set ``medians`` from a stream of ``(counts block, ColumnMap)`` pairs.
 
         For corpora that do not fit one AnnData (e.g. cells streamed from the Census):
         blocks may come from different sources, each with its own column map onto this

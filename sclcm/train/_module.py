@@ -59,12 +59,12 @@ class PretrainModule(L.LightningModule):
     """Pretrain a :class:`~sclcm.models.CellModel`, for any preset, on its token objective
     and the cell-level objectives, weighted by ``objectives``.
 
-    The token loss follows ``model.config.objective`` (see :mod:`sclcm.train._objectives`):
+    The token loss follows ``model.config.objective`` (see ``sclcm.train._objectives``):
     cross-entropy over the vocabulary (``mlm``) or the bins (``bin``) of the masked tokens,
     or their squared error (``value``, plus scGPT's MVC term when ``config.mvc``;
     ``depth_value`` through scFoundation's decoder). The cell-level losses (reconstruction
     of a gene panel from the cell embedding, contrastive views) are in
-    :mod:`sclcm.train._cell_objectives`. Masks and views come from
+    ``sclcm.train._cell_objectives``. Masks and views come from
     :class:`~sclcm.data.MaskingCollator`, seeded with the step, as do the dropout masks: a
     resumed run trains exactly as an uninterrupted one.
 
@@ -89,6 +89,8 @@ class PretrainModule(L.LightningModule):
     throughput_window
         Steps over which ``train/tokens_per_s`` is averaged.
 
+    Notes
+    -----
     Logged: ``train/loss`` (the weighted sum), ``train/objective`` (the token objective),
     ``train/mvc``, ``train/reconstruction``, ``train/contrastive``, ``train/lr``,
     ``train/tokens_per_s`` (real tokens, no padding, of all ranks), ``train/cells_per_s``,

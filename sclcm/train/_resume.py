@@ -34,7 +34,7 @@ class MicroBatchLoader:
     blocks
         An iterable of :class:`~sclcm.tokenizers.TokenBatch` blocks whose order depends
         only on the epoch (a DataLoader over a tokenized stream, or the stream itself); an
-        :class:`~sclcm.data._module.EpochLoader` should read :meth:`data_epoch`.
+        ``sclcm.data._module.EpochLoader`` should read :meth:`data_epoch`.
     max_tokens
         Token budget of a micro-batch (see :func:`~sclcm.train.micro_batches`).
     seed
