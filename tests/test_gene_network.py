@@ -376,3 +376,14 @@ def test_plots(networked, tmp_path):
     want = att[np.ix_(idx, idx)]
     np.testing.assert_allclose(np.ma.filled(shown, 0), want, rtol=1e-6)
     plt.close("all")
+
+
+def test_copy_returns_a_new_object(kang, model):
+    adata = kang[::6].copy()
+    before = snapshot(adata)
+    out = sclcm.tl.attention(adata, model, genes=ISGS, copy=True)
+    assert_unchanged(adata, before)
+    assert set(out.uns["sclcm_attention"]["groups"]) == {"all"}
+    net = sclcm.tl.gene_network(out, method="coexpression", genes=ISGS, copy=True)
+    assert "sclcm_network_coexpression" in net.uns
+    assert "sclcm_network_coexpression" not in out.uns
