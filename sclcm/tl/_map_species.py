@@ -9,8 +9,8 @@ import numpy as np
 
 from .. import logging as logg
 from .._checks import InputError
-from ._annotate import UNASSIGNED, _classifier, _forward, _reference_labels
-from ._cells import CellTokens, check_tool_input
+from ._annotate import UNASSIGNED, _check_args, _classifier, _forward, _reference_labels
+from ._cells import CellTokens
 from ._embed import _model_id
 from ._forward import precision_for
 from ._transfer import DEFAULT_K, transfer_labels
@@ -44,7 +44,7 @@ def map_species(query: AnnData, reference: AnnData, *,
     orthologs, under the rule ``orthologs``), and every query cell gets a reference label
     with a confidence, or ``"Unassigned"`` where the reference seems to lack its type.
     The result is one AnnData of both, reference cells first, with the joint embedding
-    where :func:`scanpy.pp.neighbors` finds it (``use_rep=f"X_{key_added}"``).
+    where ``sc.pp.neighbors(joint, use_rep=f"X_{key_added}")`` finds it.
 
     Parameters
     ----------
@@ -61,18 +61,19 @@ def map_species(query: AnnData, reference: AnnData, *,
         The ``obs`` column of ``reference`` with its labels (NaN: left out).
     method
         ``"knn"``: each query cell takes the distance-weighted vote of its ``k`` nearest
-        reference cells in the joint embedding (:func:`sclcm.tl._transfer.transfer_labels`);
+        reference cells in the joint embedding (``sclcm.tl._transfer.transfer_labels``, as
+        :func:`sclcm.tl.annotate` with ``method="knn"``);
         no training. ``"classifier"``: the head of a classifier fine-tuned on the reference
         (:func:`sclcm.train.finetune`, with ``finetune`` as its options; reference types
         with fewer than 5 cells are left out of it, with a warning).
     orthologs
-        ``"one2one"`` or ``"all"`` (:data:`sclcm.genes.ORTHOLOG_RULES`): which orthologs
+        ``"one2one"`` or ``"all"`` (``sclcm.genes.ORTHOLOG_RULES``): which orthologs
         carry a species' genes onto the model's; see :func:`sclcm.tl.embed`.
     k
         ``method="knn"``: reference neighbours per query cell.
     threshold
         Query cells whose score is below it are ``"Unassigned"``; ``None``: the method's
-        default (:data:`THRESHOLDS`: kNN 0.1, classifier 0.5).
+        default (``sclcm.tl._map_species.THRESHOLDS``: kNN 0.1, classifier 0.5).
     finetune
         ``method="classifier"``: keyword arguments of :func:`sclcm.train.finetune` when the
         classifier is fine-tuned here (e.g. ``{"max_steps": 300}``).
@@ -205,24 +206,18 @@ def _check(query: AnnData, reference: AnnData, *, label_key: str, method: str,
     from ..genes._orthologs import check_rule
 
     check_rule(orthologs)
-    if not isinstance(key_added, str) or not key_added:
-        msg = f"key_added must be a non-empty string, not {key_added!r}."
-        raise ValueError(msg)
     if method not in METHODS:
         msg = f"method must be one of {METHODS}, not {method!r}."
-        raise InputError(msg)
-    if threshold is None or not 0 <= threshold <= 1:
-        msg = f"threshold must be in [0, 1], not {threshold!r}."
         raise InputError(msg)
     if method == "knn" and (not isinstance(k, int) or k < 1):
         msg = f"k must be a positive number of neighbours, not {k!r}."
         raise InputError(msg)
-    check_tool_input(query, layer)
-    check_tool_input(reference, reference_layer)
-    if label_key not in reference.obs:
-        msg = (f"label_key {label_key!r} is not a column of reference.obs; its columns are "
-               f"{list(reference.obs.columns)}.")
+    if threshold is None:
+        msg = "threshold must be in [0, 1], not None."
         raise InputError(msg)
+    # the checks of annotate(method="knn"): key, threshold, both AnnData, the label column
+    _check_args(query, "knn", reference, label_key, threshold, key_added, layer,
+                reference_layer, None, copy=False)
 
 
 def _model(model: Any, method: str, reference: AnnData, label_key: str,
