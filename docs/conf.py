@@ -55,6 +55,11 @@ os.environ.setdefault("SCLCM_DATA", str(ROOT.parent / "shared" / "data"))
 os.environ.setdefault("TUTORIAL_OUT", str(ROOT / "docs" / "_build" / "tutorial_output"))
 os.environ.setdefault("SCLCM_PROGRESS", "0")
 os.environ.pop("MPLBACKEND", None)
+# tqdm.auto (sclcm's progress bars) warns in a kernel without ipywidgets ("IProgress not
+# found"), about bars that the build turns off (SCLCM_PROGRESS=0): not tutorial output
+os.environ["PYTHONWARNINGS"] = ",".join(
+    w for w in [os.environ.get("PYTHONWARNINGS"), "ignore:IProgress not found"]
+    if w)
 Path(os.environ["TUTORIAL_OUT"]).mkdir(parents=True, exist_ok=True)
 
 # --- API reference ----------------------------------------------------------------------

@@ -79,7 +79,7 @@ rec = ctrl.uns["sclcm_perturb"]
 print(rec["table"].head(12).to_string(float_format="{:.3g}".format))
 
 # %%
-sclcm.pl.perturbation(ctrl, n_top=15, save=OUT / "perturbation_screen.png")
+ax = sclcm.pl.perturbation(ctrl, n_top=15, save=OUT / "perturbation_screen.png")
 
 # %% [markdown]
 # ## Predicted against observed

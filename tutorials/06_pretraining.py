@@ -109,7 +109,7 @@ for key in ("loss_step0", "loss_end", "baseline", "reconstruction_step0",
 # the reconstruction's: every cell predicted by the training cells' mean panel).
 
 # %%
-sclcm.pl.pretraining(OUT / "run", smooth=5, save=OUT / "pretraining_loss.png")
+fig = sclcm.pl.pretraining(OUT / "run", smooth=5, save=OUT / "pretraining_loss.png")
 
 # %% [markdown]
 # ## Embedding unseen cells with the new model

@@ -128,8 +128,9 @@ def resolve(adata: AnnData, species: str | None = None, *, layer: str | None = N
 
     Returns
     -------
-    A :class:`GeneReport`: ``ensembl_id`` and ``method`` per gene, ``coverage``,
-    ``count_coverage``, ``unmatched``, ``ambiguous`` and ``duplicates``.
+    GeneReport
+        A :class:`GeneReport`: ``ensembl_id`` and ``method`` per gene, ``coverage``,
+        ``count_coverage``, ``unmatched``, ``ambiguous`` and ``duplicates``.
 
     Examples
     --------

@@ -133,9 +133,10 @@ def import_geneformer(directory: str | Path, *, token_dictionary: str | Path | N
 
     Returns
     -------
-    A ``CellModel`` (preset ``geneformer``) whose weights are the checkpoint's, one for one
-    (query, key and value are stacked into one projection), with ``model.vocab`` and
-    ``model.tokenizer`` set.
+    CellModel
+        A ``CellModel`` (preset ``geneformer``) whose weights are the checkpoint's, one for one
+        (query, key and value are stacked into one projection), with ``model.vocab`` and
+        ``model.tokenizer`` set.
     """
     directory = Path(directory)
     if not (directory / "config.json").is_file():

@@ -268,13 +268,14 @@ class CellModel(nn.Module):
 
         Returns
         -------
-        A dict: ``last_hidden_state`` (encoder tokens x d) with its ``offsets`` (read-depth
-        tokens added, scFoundation's masked tokens left out), ``hidden_states`` (layer ->
-        tensor) when asked, ``cell_embedding``; from the heads, at the input tokens
-        ``target_index`` (the masked ones, else all): ``logits`` (mlm, bin), ``pred``
-        (values), ``mvc_pred``; per cell: ``class_logits``, ``recon_pred`` (the
-        ``recon_panel`` genes' log1p expression per 10,000 counts); scFoundation's ``decoder_pred``,
-        ``decoder_gene_ids``, ``decoder_offsets``.
+        dict[str, Any]
+            A dict: ``last_hidden_state`` (encoder tokens x d) with its ``offsets`` (read-depth
+            tokens added, scFoundation's masked tokens left out), ``hidden_states`` (layer ->
+            tensor) when asked, ``cell_embedding``; from the heads, at the input tokens
+            ``target_index`` (the masked ones, else all): ``logits`` (mlm, bin), ``pred``
+            (values), ``mvc_pred``; per cell: ``class_logits``, ``recon_pred`` (the
+            ``recon_panel`` genes' log1p expression per 10,000 counts); scFoundation's
+            ``decoder_pred``, ``decoder_gene_ids``, ``decoder_offsets``.
         """
         cfg = self.config
         backend = attn_implementation or cfg.attn_implementation

@@ -87,10 +87,11 @@ def import_scfoundation(checkpoint: str | Path, gene_list: str | Path, *,
 
     Returns
     -------
-    A ``CellModel`` of the ``scfoundation`` family (``objective="none"``: the encoder) with an
-    :class:`~sclcm.tokenizers.ScFoundationTokenizer` attached. Its ``cell_embedding`` is the
-    mean over genes; :func:`scfoundation_cell_embedding` gives scFoundation's
-    ``[S, T, max, mean]``.
+    CellModel
+        A ``CellModel`` of the ``scfoundation`` family (``objective="none"``: the encoder) with an
+        :class:`~sclcm.tokenizers.ScFoundationTokenizer` attached. Its ``cell_embedding`` is the
+        mean over genes; :func:`scfoundation_cell_embedding` gives scFoundation's
+        ``[S, T, max, mean]``.
 
     Raises
     ------

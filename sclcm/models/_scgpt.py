@@ -142,9 +142,10 @@ def import_scgpt(directory: str | Path, *, normalize: bool = True,
 
     Returns
     -------
-    A ``CellModel`` of the ``scgpt`` family with ``model.vocab`` and ``model.tokenizer``
-    (:class:`~sclcm.tokenizers.ScGPTTokenizer`: binned or continuous input as
-    ``args.json``'s ``input_style``, its ``n_bins`` and ``max_seq_len``).
+    CellModel
+        A ``CellModel`` of the ``scgpt`` family with ``model.vocab`` and ``model.tokenizer``
+        (:class:`~sclcm.tokenizers.ScGPTTokenizer`: binned or continuous input as
+        ``args.json``'s ``input_style``, its ``n_bins`` and ``max_seq_len``).
 
     Raises
     ------

@@ -245,9 +245,10 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
 
     Returns
     -------
-    The fine-tuned :class:`~sclcm.models.CellModel`, with the weights of its best
-    validation macro-F1, its tokenizer, and ``labels`` (class names in the head's order),
-    ``temperature`` (1 without ``calibrate``) and ``finetune_metrics`` attributes.
+    CellModel
+        The fine-tuned :class:`~sclcm.models.CellModel`, with the weights of its best
+        validation macro-F1, its tokenizer, and ``labels`` (class names in the head's order),
+        ``temperature`` (1 without ``calibrate``) and ``finetune_metrics`` attributes.
 
     Raises
     ------

@@ -68,9 +68,10 @@ def masked_losses(model: CellModel, inputs: dict[str, Any], *, return_outputs: b
 
     Returns
     -------
-    ``objective`` (the summed cross-entropy or squared error of the objective), ``mvc``
-    (scGPT's MVC squared error, when the model has it) and ``n`` (masked tokens); and the
-    model's outputs when ``return_outputs``.
+    dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict]
+        ``objective`` (the summed cross-entropy or squared error of the objective), ``mvc``
+        (scGPT's MVC squared error, when the model has it) and ``n`` (masked tokens); and the
+        model's outputs when ``return_outputs``.
     """
     inputs = dict(inputs)
     labels = inputs.pop("labels")
@@ -97,9 +98,10 @@ def batch_terms(model: CellModel, tokens: TokenBatch, *, step: int, collator: Ma
 
     Returns
     -------
-    ``{term: (sum, count)}`` for ``objective`` and ``mvc`` (over masked tokens),
-    ``reconstruction`` (over measured panel genes of the cells) and ``contrastive`` (over
-    views); only the terms with a weight.
+    dict[str, tuple[torch.Tensor, float]]
+        ``{term: (sum, count)}`` for ``objective`` and ``mvc`` (over masked tokens),
+        ``reconstruction`` (over measured panel genes of the cells) and ``contrastive`` (over
+        views); only the terms with a weight.
     """
     obj = objectives or ObjectivesConfig()
     cfg = model.config
@@ -227,10 +229,11 @@ def evaluate(model: CellModel, batches: Iterable[TokenBatch | MicroBatch],
 
     Returns
     -------
-    ``loss`` (the token objective: mean over masked tokens of the cross-entropy or squared
-    error), ``mvc`` (scGPT), ``baseline``, ``n_tokens`` (masked tokens), ``n_cells``; with
-    the cell objectives ``reconstruction`` (mean squared error per panel gene and cell),
-    ``reconstruction_baseline`` and ``contrastive`` (InfoNCE per view).
+    dict[str, float]
+        ``loss`` (the token objective: mean over masked tokens of the cross-entropy or squared
+        error), ``mvc`` (scGPT), ``baseline``, ``n_tokens`` (masked tokens), ``n_cells``; with
+        the cell objectives ``reconstruction`` (mean squared error per panel gene and cell),
+        ``reconstruction_baseline`` and ``contrastive`` (InfoNCE per view).
     """
     obj = objectives or ObjectivesConfig()
     device = next(model.parameters()).device if device is None else torch.device(device)

@@ -237,9 +237,10 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
 
     Returns
     -------
-    The trained model (on rank 0; other ranks get their replica) and the metrics written to
-    ``out_dir/metrics.json`` (rank 0): held-out masked loss at step 0 and at the end
-    (``loss_step0``, ``loss_end``) and of the frequency baseline (``baseline``), ...
+    tuple[CellModel, dict[str, Any]]
+        The trained model (on rank 0; other ranks get their replica) and the metrics written to
+        ``out_dir/metrics.json`` (rank 0): held-out masked loss at step 0 and at the end
+        (``loss_step0``, ``loss_end``) and of the frequency baseline (``baseline``), ...
 
     Writes ``out_dir/tokenizer`` (the fitted tokenizer, before training starts),
     ``out_dir/model`` (:meth:`~sclcm.models.CellModel.save_pretrained`, with the
