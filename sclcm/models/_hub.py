@@ -154,7 +154,8 @@ def _entry_files(entry: PublishedModel, *, revision: str | None,
                f"recorded for {entry.repo_id}). Pass revision='<commit>' (40 hex digits, from "
                f"https://huggingface.co/{entry.repo_id}/commits/main) to take the files at that "
                "commit: their SHA-256 are then recorded with the converted model and checked "
-               "on every later load.")
+               "on every later load. (Pinning the registry takes network: "
+               "scripts/pin_published.py --write, see docs/models.md.)")
         raise InputError(msg)
     if entry.revision is not None and revision != entry.revision:
         msg = (f"{entry.name!r} is pinned at {entry.revision}; revision={revision!r} would "

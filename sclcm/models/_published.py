@@ -6,9 +6,11 @@ options, the licence and the source. A model that is not on the hub (scGPT's are
 shared drive) has ``manual``: where to get the files; the importer then takes the local
 directory (``sclcm.models.load(name, directory=...)``).
 
-A pin is recorded only from files this project has hashed. Entries without one are listed
-(``pinned`` is ``False``) and load only at a commit the caller names; the SHA-256 of the
-files are then recorded with the converted model and checked on every later load.
+The commits and SHA-256 are data, not code: ``published_pins.json`` (:mod:`._pins`), written
+by ``scripts/pin_published.py --write`` from the hub's own records on a machine with network
+and read here. Entries without a pin are listed (``pinned`` is ``False``) and load only at a
+commit the caller names; the SHA-256 of the files are then recorded with the converted model
+and checked on every later load.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._checks import InputError
 from ._config import did_you_mean
+from ._pins import apply_pins, read_pins
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -103,10 +106,10 @@ _SCGPT_ZOO = "https://github.com/bowang-lab/scGPT#pretrained-scgpt-model-zoo"
 _SCF_REPO = "https://github.com/biomap-research/scFoundation"
 
 
-def _geneformer(name: str, model: str, parameters: str, folder: str, corpus: str
-                ) -> PublishedModel:
-    token, median = f"geneformer/token_dictionary_{corpus}.pkl", \
-        f"geneformer/gene_median_dictionary_{corpus}.pkl"
+def _geneformer(name: str, model: str, parameters: str, folder: str, corpus: str,
+                dictionaries: str = "geneformer") -> PublishedModel:
+    token, median = f"{dictionaries}/token_dictionary_{corpus}.pkl", \
+        f"{dictionaries}/gene_median_dictionary_{corpus}.pkl"
     return PublishedModel(
         name=name, model=model, parameters=parameters, directory=folder,
         sha256=dict.fromkeys([f"{folder}/config.json", f"{folder}/model.safetensors",
@@ -114,10 +117,11 @@ def _geneformer(name: str, model: str, parameters: str, folder: str, corpus: str
         file_options={"token_dictionary": token, "gene_median_dictionary": median}, **_GF)
 
 
-#: The registry, by name. No entry is pinned yet: the commits and SHA-256 are recorded only
-#: from files this project has downloaded and hashed (see the module docstring).
-_REGISTRY: dict[str, PublishedModel] = {m.name: m for m in (
-    _geneformer("geneformer-v1-10m", "Geneformer V1 10M", "10M", "Geneformer-V1-10M", "gc30M"),
+#: The registry, by name, each hub entry with its pin from published_pins.json (if any).
+#: Geneformer keeps V1's 30M-corpus dictionaries in a folder of their own.
+_REGISTRY: dict[str, PublishedModel] = apply_pins((
+    _geneformer("geneformer-v1-10m", "Geneformer V1 10M", "10M", "Geneformer-V1-10M", "gc30M",
+                "geneformer/gene_dictionaries_30m"),
     _geneformer("geneformer-v2-104m", "Geneformer V2 104M", "104M", "Geneformer-V2-104M",
                 "gc104M"),
     _geneformer("geneformer-v2-316m", "Geneformer V2 316M", "316M", "Geneformer-V2-316M",
@@ -141,7 +145,7 @@ _REGISTRY: dict[str, PublishedModel] = {m.name: m for m in (
                 "OS_scRNA_gene_index.19264.tsv (in that repository) into one folder, then call "
                 "sclcm.models.load('scfoundation-cell', directory=<that folder>); sclcm builds "
                 "its encoder (cell and gene embeddings), not its Performer decoder")),
-)}
+), read_pins())
 
 
 def register_published(entry: PublishedModel, *, replace: bool = False) -> None:
