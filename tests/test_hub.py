@@ -62,18 +62,32 @@ def scgpt_files(tmp: Path, seed: int = 0) -> dict[str, bytes]:
     return {f: (folder / f).read_bytes() for f in FILES}
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A hub cache with one pinned scGPT-layout model; offline, as on a cluster node."""
+def offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                  ) -> tuple[Path, dict[str, bytes]]:
+    """A hub cache holding a scGPT-layout model at COMMIT_A; offline, as on a cluster node."""
     cache = tmp_path / "hf" / "hub"
     files = scgpt_files(tmp_path)
     add_commit(cache, REPO, COMMIT_A, files)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    entry = PublishedModel(
-        name="scgpt-tiny-test", model="scGPT tiny (test)", family="scgpt", parameters="1M",
-        licence="MIT", source="tests", importer="scgpt", repo_id=REPO, revision=COMMIT_A,
-        sha256={f: hashlib.sha256(d).hexdigest() for f, d in files.items()})
+    return cache, files
+
+
+def tiny_entry(name: str, files: dict[str, bytes] | None = None) -> PublishedModel:
+    """A registry entry for REPO: pinned at COMMIT_A to ``files``, or unpinned."""
+    pin = {} if files is None else {"revision": COMMIT_A, "sha256": {
+        f: hashlib.sha256(d).hexdigest() for f, d in files.items()}}
+    return PublishedModel(
+        name=name, model="scGPT tiny (test)", family="scgpt", parameters="1M", licence="MIT",
+        source="tests", importer="scgpt", repo_id=REPO,
+        **({"sha256": dict.fromkeys(FILES)} | pin))
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A hub cache with one pinned scGPT-layout model, offline."""
+    cache, files = offline_cache(tmp_path, monkeypatch)
+    entry = tiny_entry("scgpt-tiny-test", files)
     register_published(entry)
     yield cache, entry, files
     unregister_published(entry.name)

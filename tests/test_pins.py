@@ -17,12 +17,21 @@ import numpy as np
 import pytest
 from huggingface_hub import hf_hub_download
 from huggingface_hub.hf_api import ModelInfo
-from test_hub import COMMIT_A, COMMIT_B, FILES, REPO, _blob_name, add_commit, scgpt_files
+from test_hub import (
+    COMMIT_A,
+    COMMIT_B,
+    FILES,
+    REPO,
+    _blob_name,
+    add_commit,
+    offline_cache,
+    scgpt_files,
+    tiny_entry,
+)
 from test_scgpt_import import cells
 
 from sclcm import InputError
 from sclcm.models import (
-    PublishedModel,
     _pins,
     import_scgpt,
     load,
@@ -84,15 +93,8 @@ def sha256(data: bytes) -> str:
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
     """An unpinned hub entry (as the shipped ones are), its commit in a local cache."""
-    cache = tmp_path / "hf" / "hub"
-    files = scgpt_files(tmp_path)
-    add_commit(cache, REPO, COMMIT_A, files)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    entry = PublishedModel(
-        name="scgpt-tiny-pin", model="scGPT tiny (test)", family="scgpt", parameters="1M",
-        licence="MIT", source="tests", importer="scgpt", repo_id=REPO,
-        sha256=dict.fromkeys(FILES))
+    cache, files = offline_cache(tmp_path, monkeypatch)
+    entry = tiny_entry("scgpt-tiny-pin")
     register_published(entry)
     hub = Hub()
     hub.push(COMMIT_A, files)
