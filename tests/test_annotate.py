@@ -59,6 +59,10 @@ def test_head_and_labels_survive_save_load(finetuned):
         torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
     assert (out / "metrics.json").is_file()
     assert 0 <= model.finetune_metrics["best_val_macro_f1"] <= 1
+    # the training cells' embeddings the typicality is measured against
+    n_train = model.finetune_metrics["n_train"]
+    assert model.reference_embedding.shape == (min(n_train, 2000), 64)
+    np.testing.assert_array_equal(loaded.reference_embedding, model.reference_embedding)
 
 
 def test_annotate_in_memory_and_backed(finetuned, tmp_path):
@@ -77,6 +81,9 @@ def test_annotate_in_memory_and_backed(finetuned, tmp_path):
     rec = query.uns["sclcm_label"]
     assert rec["classes"] == model.labels
     assert rec["params"]["threshold"] == 0.3
+    # score = top probability x typicality against the training cells
+    np.testing.assert_allclose(query.obs["sclcm_label_score"],
+                               probs.max(1) * query.obs["sclcm_label_typicality"], rtol=1e-6)
     below = query.obs["sclcm_label_score"] < 0.3
     assert (query.obs["sclcm_label"][below] == "Unassigned").all()
     assert rec["n_unassigned"] == int(below.sum())

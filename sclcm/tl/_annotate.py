@@ -13,7 +13,7 @@ from .._checks import InputError
 from ._cells import CellTokens, check_tool_input, output_object
 from ._embed import BLOCK_CELLS, _model_id
 from ._forward import Budget, autocast, plan_batches, precision_for
-from ._transfer import DEFAULT_K, transfer_labels
+from ._transfer import DEFAULT_K, transfer_labels, typicality
 from ._vote import majority_vote, over_cluster
 
 if TYPE_CHECKING:
@@ -25,13 +25,16 @@ if TYPE_CHECKING:
 #: The label of cells whose confidence is below the threshold (CellTypist's word).
 UNASSIGNED = "Unassigned"
 METHODS = ("classifier", "knn")
-#: Default threshold per method, chosen by holding one type out of the reference
-#: (docs/annotation.md, benchmarks/annotation.py). kNN, score = vote x typicality: on Kang
-#: 2018 ctrl (each of 4 types held out of 4 donors, the fifth annotated; 20 splits) 0.02
-#: rejected 81-99% of the held-out type's cells (20% for CD4 T cells, half the query) and
-#: 0.8% of the known types' (at most 2.6%); under IFN-beta stimulation and from human to
-#: mouse pancreas, 0.6% and 0% of the known types' cells.
-THRESHOLDS = {"classifier": 0.5, "knn": 0.02}
+#: Default threshold per method on score = (top probability or vote share) x typicality,
+#: chosen by holding one type out of the reference (docs/annotation.md,
+#: benchmarks/annotation.py). kNN: on Kang 2018 ctrl (each of 4 types held out of 4
+#: donors, the fifth annotated; 20 splits) 0.02 rejected 81-99% of the held-out type's
+#: cells (20% for CD4 T cells, half the query) and 0.8% of the known types' (at most
+#: 2.6%); under IFN-beta stimulation and from human to mouse pancreas, 0.6% and 0% of the
+#: known types' cells.
+THRESHOLDS = {"classifier": 0.02, "knn": 0.02}
+#: The default for a classifier without training-cell embeddings (CellTypist's).
+PROBABILITY_THRESHOLD = 0.5
 
 
 def annotate(query: AnnData, model: str | Path | CellModel | None = None, *,
@@ -67,8 +70,9 @@ def annotate(query: AnnData, model: str | Path | CellModel | None = None, *,
         ``method="knn"``: reference neighbours per query cell.
     threshold
         Cells whose score is below it are ``"Unassigned"``; 0 assigns every cell.
-        ``None``: the method's default (``THRESHOLDS`` in the module), chosen by measuring how
-        often cells of a type the reference lacks are rejected (docs/annotation.md).
+        ``None``: 0.02 (``THRESHOLDS`` in the module), chosen by measuring how often cells
+        of a type the reference lacks are rejected (docs/annotation.md); 0.5 for a
+        classifier saved without training-cell embeddings (its score is the probability).
     majority_voting
         Also give every cell the most common label of its cluster in an over-clustering
         (CellTypist's majority voting), in ``obs[f"{key_added}_majority"]``.
@@ -96,13 +100,16 @@ def annotate(query: AnnData, model: str | Path | CellModel | None = None, *,
         below ``threshold`` or the cell has no count on the model's genes.
     ``obs[f"{key_added}_score"]``
         float32 confidence (NaN for cells without a gene token): the highest class
-        probability (classifier), or the winning share of the neighbours' vote times the
-        cell's typicality (knn; see Notes).
+        probability (classifier) or the winning share of the neighbours' vote (knn),
+        times the cell's typicality (see Notes).
     ``obsm[f"{key_added}_probabilities"]``
         float32, ``n_obs x n_classes`` (columns in ``uns[key_added]["classes"]`` order):
         the head's softmax, or the neighbours' weighted vote.
-    ``obs[f"{key_added}_uncertainty"]``, ``obs[f"{key_added}_typicality"]``
-        ``method="knn"``: ``1 -`` the winning vote share, and the cell's typicality.
+    ``obs[f"{key_added}_typicality"]``
+        The cell's typicality against the reference (knn) or the classifier's training
+        cells (saved by :func:`~sclcm.train.finetune`).
+    ``obs[f"{key_added}_uncertainty"]``
+        ``method="knn"``: ``1 -`` the winning vote share.
     ``obs[f"{key_added}_majority"]``, ``obs[f"{key_added}_cluster"]``
         With ``majority_voting``: the cluster's majority label, and the clusters when
         computed here.
@@ -124,27 +131,36 @@ def annotate(query: AnnData, model: str | Path | CellModel | None = None, *,
 
     Notes
     -----
-    **kNN score.** The vote share alone says whether the neighbours agree, not whether
-    they are near: a cell of a type the reference lacks often sits, far from everything,
-    next to one reference type, which then wins the vote unanimously. The typicality
-    (the share of reference cells at least as far from their own neighbours) is near 0
-    for such a cell, so the score, their product, leaves it ``"Unassigned"``.
+    **Score.** A probability or a vote share says whether the head or the neighbours
+    agree, not whether the cell looks like anything in the reference: a cell of a type
+    the reference lacks often sits, far from everything, next to one reference type,
+    which then wins unanimously (a softmax head is as sure of it). The typicality (the
+    share of reference cells at least as far from their own ``k`` nearest reference
+    cells as this cell is from its ``k`` nearest, in the model's embedding, after the
+    query's overall shift is divided out) is near 0 for such a cell, so the score, their
+    product, leaves it ``"Unassigned"``. A classifier measures it against up to 2,000 of
+    its training cells' embeddings, saved beside its weights.
 
     Nothing is written to ``query`` (or ``reference``) until every cell is scored.
     """
-    threshold = THRESHOLDS.get(method, 0.5) if threshold is None else threshold
-    _check_args(query, method, reference, label_key, threshold, key_added, layer,
-                reference_layer, over_clustering, copy=copy)
+    _check_args(query, method, reference, label_key, 0.5 if threshold is None else threshold,
+                key_added, layer, reference_layer, over_clustering, copy=copy)
     if method == "knn":
         ref_labels = _reference_labels(reference, label_key)
         net = _get_model(model, device)
     else:
         net, classes = _classifier(model, device)
+    # a classifier without training-cell embeddings (saved before they were) has no
+    # typicality: its score is the probability alone, thresholded as CellTypist does
+    ref_emb = getattr(net, "reference_embedding", None) if method == "classifier" else None
+    typical_score = method == "knn" or ref_emb is not None
+    if threshold is None:
+        threshold = THRESHOLDS[method] if typical_score else PROBABILITY_THRESHOLD
     dev = next(net.parameters()).device
     precision = precision_for(precision, dev)
     cells = CellTokens.prepare(query, net.tokenizer, layer=layer)
     species = {"query": cells.report.species}
-    want_embedding = method == "knn" or (majority_voting and over_clustering is None)
+    want_embedding = typical_score or (majority_voting and over_clustering is None)
     if method == "knn":
         ref_cells = CellTokens.prepare(reference, net.tokenizer, layer=reference_layer)
         species["reference"] = ref_cells.report.species
@@ -172,6 +188,10 @@ def annotate(query: AnnData, model: str | Path | CellModel | None = None, *,
         score = np.full(query.n_obs, np.nan, dtype=np.float32)
         known = ~np.isnan(probs).any(axis=1)
         score[known] = probs[known].max(axis=1)
+        if ref_emb is not None:  # far from every training cell: a type the head never saw
+            typical, shift = typicality(ref_emb, emb, k=min(k, len(ref_emb) - 1))
+            score = score * typical
+            extra = {"typicality": typical}
     cells.warn_low_coverage()
     known = ~np.isnan(score)
     best = np.where(known, np.nan_to_num(probs, nan=-1).argmax(axis=1), -1)
@@ -196,8 +216,8 @@ def annotate(query: AnnData, model: str | Path | CellModel | None = None, *,
               "count_coverage": cells.count_coverage, "species": species,
               # None is left out: older anndata cannot write it to h5ad
               "params": {k_: v for k_, v in params.items() if v is not None}}
-    if method == "knn":  # how much farther the query sits from the reference than it does
-        record["distance_shift"] = result.shift
+    if typical_score:  # how much farther the query sits from the reference than it does
+        record["distance_shift"] = result.shift if method == "knn" else shift
     out = output_object(query, copy=copy)  # everything is computed: only now touch it
     _write(out, key_added=key_added, labels=labels, classes=classes, score=score,
            probs=probs, extra=extra, clusters=clusters, majority=majority,

@@ -147,16 +147,12 @@ def transfer_labels(reference: np.ndarray, query: np.ndarray, labels: Sequence, 
     codes = np.searchsorted(classes, labels.astype(str))
 
     nn = NearestNeighbors(n_neighbors=k + 1, metric=metric).fit(reference)
-    # the reference's own neighbour distances, itself left out, calibrate the typicality
-    ref_dist, _ = nn.kneighbors(reference)
-    ref_mean = np.sort(ref_dist[:, 1:].mean(axis=1))
+    ref_mean = _reference_distances(nn, reference)
 
     n_q = len(query)
     probs = np.full((n_q, len(classes)), np.nan, dtype=np.float32)
     mean_d = np.full(n_q, np.nan, dtype=np.float32)
-    typical = np.full(n_q, np.nan, dtype=np.float32)
     ok = ~np.isnan(query).any(axis=1)
-    shift = 1.0
     if ok.any():
         dist, idx = nn.kneighbors(query[ok], n_neighbors=k)
         scale = np.maximum(dist[:, -1:], np.finfo(np.float32).tiny)
@@ -165,9 +161,55 @@ def transfer_labels(reference: np.ndarray, query: np.ndarray, labels: Sequence, 
         np.add.at(votes, (np.repeat(np.arange(len(dist)), k), codes[idx].ravel()), w.ravel())
         probs[ok] = votes / votes.sum(axis=1, keepdims=True)
         mean_d[ok] = dist.mean(axis=1)
+    typical, shift = _typicality(ref_mean, mean_d, adjust_shift=adjust_shift)
+    return LabelTransfer(classes, probs, mean_d, typical, shift)
+
+
+def typicality(reference: np.ndarray, query: np.ndarray, *, k: int = DEFAULT_K,
+               metric: str = "cosine", adjust_shift: bool = True
+               ) -> tuple[np.ndarray, float]:
+    """Each query cell's typicality against ``reference`` (as :func:`transfer_labels`
+    computes it, without labels), and the query's shift.
+
+    >>> ref = np.random.default_rng(0).normal(size=(50, 2))
+    >>> t, shift = typicality(ref, np.array([[0.0, 0.0], [40.0, 40.0]]), k=5,
+    ...                       metric="euclidean", adjust_shift=False)
+    >>> bool(t[0] > 0.1), round(float(t[1]) * 51, 3)  # far from all: below every one
+    (True, 1.0)
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    reference = np.asarray(reference, dtype=np.float32)
+    query = np.asarray(query, dtype=np.float32)
+    if np.isnan(reference).any() or not 1 <= k < len(reference):
+        msg = (f"typicality needs a reference embedding without NaN and more than k={k} "
+               f"cells, not {reference.shape}.")
+        raise InputError(msg)
+    nn = NearestNeighbors(n_neighbors=k + 1, metric=metric).fit(reference)
+    mean_d = np.full(len(query), np.nan, dtype=np.float32)
+    ok = ~np.isnan(query).any(axis=1)
+    if ok.any():
+        mean_d[ok] = nn.kneighbors(query[ok], n_neighbors=k)[0].mean(axis=1)
+    return _typicality(_reference_distances(nn, reference), mean_d, adjust_shift=adjust_shift)
+
+
+def _reference_distances(nn, reference: np.ndarray) -> np.ndarray:
+    """Sorted mean distance of each reference cell to its k nearest *other* reference
+    cells (the fitted ``nn`` holds k + 1 neighbours: the first is the cell itself)."""
+    dist, _ = nn.kneighbors(reference)
+    return np.sort(dist[:, 1:].mean(axis=1))
+
+
+def _typicality(ref_mean: np.ndarray, mean_d: np.ndarray, *, adjust_shift: bool
+                ) -> tuple[np.ndarray, float]:
+    """Conformal p-values of the query's mean neighbour distances (NaN stays NaN)."""
+    ok = ~np.isnan(mean_d)
+    out = np.full(len(mean_d), np.nan, dtype=np.float32)
+    shift = 1.0
+    if ok.any():
         if adjust_shift and np.median(ref_mean) > 0:
             shift = max(1.0, float(np.median(mean_d[ok]) / np.median(ref_mean)))
         n_at_least = len(ref_mean) - np.searchsorted(ref_mean, mean_d[ok] / shift,
                                                      side="left")
-        typical[ok] = (n_at_least + 1) / (len(ref_mean) + 1)
-    return LabelTransfer(classes, probs, mean_d, typical, shift)
+        out[ok] = (n_at_least + 1) / (len(ref_mean) + 1)
+    return out, shift
