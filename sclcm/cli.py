@@ -185,18 +185,9 @@ def _symbols(ids: list[str]) -> list[str | None]:
 def pretrain_command(config: str, out: Path | None, resume: str | None,
                      sets: list[str]) -> dict:
     """Run ``sclcm.train.pretrain`` on a config file or shipped preset; print the metrics."""
-    from ._checks import InputError
     from .train import pretrain
 
-    overrides = _overrides(sets)
-    if out is not None:
-        overrides["out_dir"] = str(out)
-    if resume is not None:
-        overrides["trainer.resume"] = resume
-    try:
-        _, metrics = pretrain(config, overrides=overrides)
-    except InputError as e:  # a config or data error (ConfigError is one): its message is
-        raise SystemExit(f"sclcm pretrain: {e}") from None  # the fix; a traceback is noise
+    _, metrics = _run_config("pretrain", pretrain, config, out, resume, sets)
     if metrics:
         shown = {k: v for k, v in metrics.items() if k != "config"}
         print(json.dumps(shown, indent=1, default=str))
@@ -206,8 +197,20 @@ def pretrain_command(config: str, out: Path | None, resume: str | None,
 def finetune_command(config: str, out: Path | None, resume: str | None,
                      sets: list[str]) -> None:
     """Run ``sclcm.train.finetune`` on a YAML config; print the validation metrics."""
-    from ._checks import InputError
     from .train import run_finetune
+
+    model = _run_config("finetune", run_finetune, config, out, resume, sets)
+    m = getattr(model, "finetune_metrics", None)
+    if m:  # rank 0 (the other DDP ranks return without metrics)
+        shown = {k: v for k, v in m.items() if k != "val_history"}
+        print(json.dumps({"labels": model.labels, **shown}, indent=1, default=str))
+
+
+def _run_config(command: str, run, config: str, out: Path | None, resume: str | None,
+                sets: list[str]):
+    """``run(config, overrides=...)`` with ``--set``, ``--out`` and ``--resume`` applied; a
+    config or data error exits with its message (the fix; a traceback is noise)."""
+    from ._checks import InputError
 
     overrides = _overrides(sets)
     if out is not None:
@@ -215,13 +218,9 @@ def finetune_command(config: str, out: Path | None, resume: str | None,
     if resume is not None:
         overrides["trainer.resume"] = resume
     try:
-        model = run_finetune(config, overrides=overrides)
-    except InputError as e:  # a config or data error: its message is the fix
-        raise SystemExit(f"sclcm finetune: {e}") from None
-    m = getattr(model, "finetune_metrics", None)
-    if m:  # rank 0 (the other DDP ranks return without metrics)
-        shown = {k: v for k, v in m.items() if k != "val_history"}
-        print(json.dumps({"labels": model.labels, **shown}, indent=1, default=str))
+        return run(config, overrides=overrides)
+    except InputError as e:  # ConfigError is one
+        raise SystemExit(f"sclcm {command}: {e}") from None
 
 
 def _overrides(sets: list[str]) -> dict:

@@ -6,13 +6,13 @@ import logging
 from functools import cache
 
 import anndata as ad
-import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import CHAI_MOUSE, KANG_CTRL, assert_unchanged, data_path, snapshot
 from test_model_data import tokenizer
+from test_train import Kill, Killed, Recorder
 
 import sclcm
 from sclcm.models import CellModel, ModelConfig
@@ -345,31 +345,6 @@ def test_calibrated_temperature_is_saved_and_applied(finetuned):
 
 
 # --- exact resume of a killed fine-tuning ---
-
-
-class Killed(RuntimeError):
-    pass
-
-
-class Kill(L.Callback):
-    """Stops the run with an error once ``step`` optimizer steps are done."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            raise Killed
-
-
-class Recorder(L.Callback):
-    """The cells of every training batch, in order."""
-
-    def __init__(self) -> None:
-        self.batches: list[tuple] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.batches.append((batch.epoch, batch.index, tuple(batch.tokens.cell_index)))
 
 
 @pytest.mark.slow

@@ -286,15 +286,11 @@ def _check_args(query: AnnData, method: str, reference: AnnData | None,
 
 def _reference_labels(reference: AnnData, label_key: str):
     """The reference's labels as strings (NaN kept as NaN), with the NaN checks."""
+    from ..train._finetune import missing_labels
+
     labels = reference.obs[label_key]
-    missing = labels.isna().to_numpy()
-    if missing.all():
-        msg = (f"Every label in reference.obs[{label_key!r}] is NaN: fill in the labels of "
-               "the reference cells (or pick another label_key).")
-        raise InputError(msg)
-    if missing.any():
-        logg.warning(f"{int(missing.sum())} of {reference.n_obs} reference cells have no "
-                     f"label (NaN in obs[{label_key!r}]): left out of the vote.")
+    missing = missing_labels(reference, label_key, name="reference", cells="reference cells",
+                             use="the vote")
     return labels.astype(object).where(~missing).map(
         lambda x: x if x is None or x != x else str(x))
 

@@ -216,23 +216,28 @@ def load_config(config: str | Path | dict | PretrainConfig, *,
         raw, source = dict(config), None
     else:
         path = _config_path(config)
-        import yaml
-
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            msg = f"{path} is not valid YAML: {e}"
-            raise ConfigError(msg) from None
-        if not isinstance(raw, dict):
-            msg = f"{path} must hold a mapping of sections (data, model, optim, ...)."
-            raise ConfigError(msg)
-        source = str(path)
+        raw, source = read_sections(path), str(path)
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     cfg = _build(PretrainConfig, raw, "")
     cfg.source = source
     _check(cfg)
     return cfg
+
+
+def read_sections(path: Path) -> dict:
+    """A YAML config file's mapping of sections (also read by ``sclcm finetune``)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        msg = f"{path} is not valid YAML: {e}"
+        raise ConfigError(msg) from None
+    if not isinstance(raw, dict):
+        msg = f"{path} must hold a mapping of sections (data, model, optim, ...)."
+        raise ConfigError(msg)
+    return raw
 
 
 def _config_path(config: str | Path) -> Path:

@@ -385,14 +385,7 @@ def _check_labels(adata: AnnData, label_key: str, groupby: str | None, layer: st
                    f"{list(adata.obs.columns)}.")
             raise InputError(msg)
     labels = adata.obs[label_key]
-    missing = labels.isna().to_numpy()
-    if missing.all():
-        msg = (f"Every label in adata.obs[{label_key!r}] is NaN: fill in the labels of the "
-               "reference cells (or pick another label_key).")
-        raise InputError(msg)
-    if missing.any():
-        logg.warning(f"{int(missing.sum())} of {adata.n_obs} cells have no label (NaN in "
-                     f"obs[{label_key!r}]): left out of fine-tuning.")
+    missing = missing_labels(adata, label_key)
     text = labels.astype(str).to_numpy()
     classes = sorted(pd.unique(text[~missing]))
     if len(classes) < 2:
@@ -421,6 +414,21 @@ def _check_labels(adata: AnnData, label_key: str, groupby: str | None, layer: st
                    "groups cannot be held out. Use groupby=None (a stratified split).")
             raise InputError(msg)
     return codes, classes, group_codes
+
+
+def missing_labels(adata: AnnData, label_key: str, *, name: str = "adata",
+                   cells: str = "cells", use: str = "fine-tuning") -> np.ndarray:
+    """Which cells have no label (NaN): an error when none has one, a warning that counts
+    them otherwise (they are left out of ``use``)."""
+    missing = adata.obs[label_key].isna().to_numpy()
+    if missing.all():
+        msg = (f"Every label in {name}.obs[{label_key!r}] is NaN: fill in the labels of the "
+               "reference cells (or pick another label_key).")
+        raise InputError(msg)
+    if missing.any():
+        logg.warning(f"{int(missing.sum())} of {adata.n_obs} {cells} have no label (NaN in "
+                     f"obs[{label_key!r}]): left out of {use}.")
+    return missing
 
 
 def _split(codes: np.ndarray, classes: list[str], groups: np.ndarray | None,

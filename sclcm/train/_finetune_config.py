@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._config import ConfigError, _build, _set_dotted, expand
+from ._config import ConfigError, _build, _set_dotted, expand, read_sections
 
 if TYPE_CHECKING:
     from ..models import CellModel
@@ -101,8 +101,6 @@ def load_finetune_config(config: str | Path | dict, *,
     >>> cfg.optim.lr, cfg.model.start
     (0.0003, None)
     """
-    import yaml
-
     source = None
     if isinstance(config, dict):
         raw = dict(config)
@@ -111,15 +109,7 @@ def load_finetune_config(config: str | Path | dict, *,
         if not path.is_file():
             msg = f"No fine-tuning config at {path}."
             raise ConfigError(msg)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            msg = f"{path} is not valid YAML: {e}"
-            raise ConfigError(msg) from None
-        if not isinstance(raw, dict):
-            msg = f"{path} must hold a mapping of sections (data, model, optim, trainer)."
-            raise ConfigError(msg)
-        source = str(path)
+        raw, source = read_sections(path), str(path)
     for key, value in (overrides or {}).items():
         _set_dotted(raw, key, value)
     cfg = _build(FinetuneConfig, raw, "")

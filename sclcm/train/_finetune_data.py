@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 import numpy as np
-import torch
 
+from ._datamodule import PretrainDataModule
 from ._resume import MicroBatchLoader
 
 if TYPE_CHECKING:
@@ -62,14 +62,9 @@ class FinetuneData(L.LightningDataModule):
     def _epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
-    def _consumed(self) -> int:
-        # Lightning's own count of this epoch's training batches, restored on resume
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-
-    def _sync_max(self, n: int) -> int:
-        strategy = self.trainer.strategy
-        return int(strategy.reduce(torch.tensor(n, device=strategy.root_device),
-                                   reduce_op="max"))
+    # the same data position and DDP step counts as pretraining's (they read self.trainer)
+    _consumed = PretrainDataModule._consumed
+    _sync_max = PretrainDataModule._sync_max
 
     def train_dataloader(self) -> MicroBatchLoader:
         t = self.trainer
