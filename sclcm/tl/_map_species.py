@@ -68,7 +68,10 @@ def map_species(query: AnnData, reference: AnnData, *,
         with fewer than 5 cells are left out of it, with a warning).
     orthologs
         ``"one2one"`` or ``"all"`` (``sclcm.genes.ORTHOLOG_RULES``): which orthologs
-        carry a species' genes onto the model's; see :func:`sclcm.tl.embed`.
+        carry a species' genes onto the model's; see :func:`sclcm.tl.embed`. A classifier
+        fine-tuned here on a reference of another species than the model's reads that
+        reference through one-to-one orthologs (:func:`sclcm.train.finetune` has no rule);
+        the rule applies to the embeddings and the query's labels.
     k
         ``method="knn"``: reference neighbours per query cell.
     threshold
