@@ -33,7 +33,7 @@ test: $(STAMP)
 
 # -n: every cross-reference must resolve; -W: any warning (a docstring that does not
 # render, a tutorial cell that fails) fails the build. docs-fast: without running tutorials.
-SPHINX := SCLCM_PROGRESS=0 $(BIN)/sphinx-build -b html -n -W --keep-going
+SPHINX := SCLCM_PROGRESS=0 $(BIN)/sphinx-build -b html -n -W --keep-going -j 2
 
 docs: $(STAMP)
 	$(SPHINX) docs docs/_build/html

@@ -10,6 +10,7 @@ which a build without network cannot reach.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -63,6 +64,9 @@ os.environ["PYTHONWARNINGS"] = ",".join(
 Path(os.environ["TUTORIAL_OUT"]).mkdir(parents=True, exist_ok=True)
 
 # --- API reference ----------------------------------------------------------------------
+# The pages are written anew by every build: a stale page of a name no longer in api.md
+# would be a page outside every toctree (a warning, so a failed build).
+shutil.rmtree(ROOT / "docs" / "generated", ignore_errors=True)
 autosummary_generate = True
 autosummary_imported_members = False
 autodoc_member_order = "bysource"
