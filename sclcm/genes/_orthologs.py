@@ -98,7 +98,7 @@ class SpeciesMap:
     species
         The target species.
     orthologs
-        The rule, one of :data:`ORTHOLOG_RULES`.
+        The rule, ``"one2one"`` or ``"all"``.
     matrix
         Sparse CSR, ``n_vars x len(target_ids)``.
     target_ids
@@ -130,7 +130,7 @@ class SpeciesMap:
     # --- what reaches what ------------------------------------------------------
     @cached_property
     def n_targets(self) -> np.ndarray:
-        """Per column: how many target genes it reaches (0 without an ortholog)."""
+        """How many target genes each column reaches (0 without an ortholog)."""
         return np.diff(self.matrix.indptr)
 
     def reach(self, keep: np.ndarray | None = None) -> sparse.csr_matrix:
