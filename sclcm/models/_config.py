@@ -31,14 +31,16 @@ ATTN_IMPLEMENTATIONS = ("auto", "flash", "sdpa", "math")
 CHOICES: dict[str, tuple[str, ...]] = {
     "tokenizer": FAMILIES, "norm": ("pre", "post"), "activation": ACTIVATIONS,
     "value_encoder": VALUE_ENCODERS, "objective": OBJECTIVES, "pooling": ("cls", "mean"),
-    "attn_implementation": ATTN_IMPLEMENTATIONS}
+    "attn_implementation": ATTN_IMPLEMENTATIONS,
+    "decoder_attention": ("softmax", "performer")}
 # The lowest value of each number field (checked before the consistency checks, so that
 # those never meet a string or a negative size). Others: dropout probabilities in [0, 1].
 _MINIMUM = {"vocab_size": 0, "n_special_tokens": 0, "pad_id": 0, "mask_id": 0, "cls_id": -1,
             "n_layers": 1, "d_model": 1, "n_heads": 1, "d_ff": 1, "max_position": 0,
             "type_vocab_size": 0, "n_bins": 0, "decoder_layers": 0, "decoder_d_model": 0,
-            "decoder_heads": 0, "decoder_d_ff": 0, "n_classes": 0, "value_head_layers": 2,
-            "classifier_layers": 1, "value_clamp": 0, "autobin_slope": 0}
+            "decoder_heads": 0, "decoder_d_ff": 0, "decoder_features": 0, "n_classes": 0,
+            "value_head_layers": 1, "classifier_layers": 1, "value_clamp": 0,
+            "autobin_slope": 0}
 _POSITIVE_FLOATS = ("norm_eps", "initializer_range")
 _PROBABILITIES = ("dropout", "attn_dropout")
 
@@ -142,14 +144,23 @@ class ModelConfig:
         (bin classification), ``"value"`` (value regression), ``"depth_value"``
         (scFoundation's decoder, read-depth aware) or ``"none"``.
     value_head_layers
-        Linear layers of the value head (2; scGPT's expression decoder has 3), leaky ReLU
-        between them.
+        Linear layers of the value head (2; scGPT's expression decoder has 3, scFoundation's
+        ``to_final`` 1), leaky ReLU between them.
     mvc
         scGPT's cell-embedding decoder: predicts each gene's value from the cell embedding.
     depth_tokens
         Two read-depth tokens per cell (scFoundation's T and S, from the batch extras).
     decoder_layers, decoder_d_model, decoder_heads, decoder_d_ff
         scFoundation's decoder, run over all (or a sample of) genes.
+    decoder_attention
+        ``"softmax"`` (blocks as the encoder's) or ``"performer"`` (scFoundation's published
+        decoder: pre-norm Performer blocks with random-feature softmax attention, GELU, two
+        final layer norms).
+    decoder_features
+        Random features per head of the Performer decoder (scFoundation's: 266).
+    decoder_gene_embedding
+        The gene (and read-depth) embeddings are added again to the encoder states that
+        enter the decoder, as scFoundation's published model does.
     pooling
         Cell embedding: ``"cls"`` (the first token's state) or ``"mean"`` (over genes).
     n_classes
@@ -202,6 +213,9 @@ class ModelConfig:
     decoder_d_model: int = 0
     decoder_heads: int = 0
     decoder_d_ff: int = 0
+    decoder_attention: str = "softmax"
+    decoder_features: int = 0
+    decoder_gene_embedding: bool = False
     pooling: Literal["cls", "mean"] = "mean"
     n_classes: int = 0
     classifier_layers: int = 1
@@ -294,6 +308,9 @@ class ModelConfig:
             (self.decoder_layers == 0 or (self.decoder_heads > 0
                                           and self.decoder_d_model % self.decoder_heads == 0),
              "decoder_d_model must be a multiple of decoder_heads"),
+            (self.decoder_attention != "performer" or (self.decoder_layers > 0
+                                                        and self.decoder_features > 0),
+             "decoder_attention 'performer' needs decoder_layers > 0 and decoder_features > 0"),
             (all(self.n_special_tokens <= g < self.vocab_size for g in self.recon_panel)
              or self.vocab_size == 0,
              "recon_panel must hold gene token ids (n_special_tokens..vocab_size - 1)"),

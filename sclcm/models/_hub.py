@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ._model import CellModel
 
 #: Bumped when a conversion would give another result for the same files.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: scFoundation with its Performer decoder
 CONVERTED = "sclcm-converted"
 SOURCE = "source.json"
 #: The key of the model last converted for a name (off-hub models load by name after one

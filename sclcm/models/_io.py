@@ -35,8 +35,9 @@ FORMAT = "sclcm.CellModel"
 #: 2: every config field required, ``config_sha256`` recorded and checked. 3: the options
 #: scGPT's architecture needs (``gene_norm``, ``value_clamp``, ``value_head_layers``,
 #: ``classifier_layers``, ``normalize_embedding``). 4: scFoundation's (``final_norm``,
-#: ``autobin_slope``).
-FORMAT_VERSION = 4
+#: ``autobin_slope``). 5: scFoundation's Performer decoder (``decoder_attention``,
+#: ``decoder_features``, ``decoder_gene_embedding``).
+FORMAT_VERSION = 5
 #: ``model.safetensors``'s own metadata version: its layout has not changed since format 1
 #: (so that re-saving a model at a new format keeps its weights file byte for byte).
 WEIGHTS_FORMAT_VERSION = 1
@@ -51,6 +52,8 @@ ADDED_FIELDS: dict[int, dict[str, Any]] = {
         "config.value_head_layers": 2, "config.classifier_layers": 1,  # before, these
         "config.normalize_embedding": False},
     3: {"config.final_norm": False, "config.autobin_slope": 0.01},  # scFoundation's options
+    4: {"config.decoder_attention": "softmax", "config.decoder_features": 0,  # its decoder
+        "config.decoder_gene_embedding": False},
 }
 #: The top-level entries of ``config.json``.
 ENTRIES = ("format", "format_version", "sclcm_version", "config", "tokenizer", "weights_dtype",

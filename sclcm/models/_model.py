@@ -153,13 +153,21 @@ class CellModel(nn.Module):
         self.decoder_in = self.decoder = None
         if cfg.decoder_layers:  # scFoundation: a lighter decoder over all / sampled genes
             self.decoder_in = nn.Linear(d, cfg.decoder_d_model)
-            self.decoder = Stack(cfg.decoder_layers, cfg.decoder_d_model, cfg.decoder_heads,
-                                 cfg.decoder_d_ff, cfg)
+            if cfg.decoder_attention == "performer":  # the published scFoundation's
+                from ._performer import PerformerStack
+
+                self.decoder = PerformerStack(cfg.decoder_layers, cfg.decoder_d_model,
+                                              cfg.decoder_heads, cfg.decoder_d_ff,
+                                              cfg.decoder_features, cfg.norm_eps)
+            else:
+                self.decoder = Stack(cfg.decoder_layers, cfg.decoder_d_model,
+                                     cfg.decoder_heads, cfg.decoder_d_ff, cfg)
         self.head = {"none": lambda: None, "bin": lambda: nn.Linear(d, cfg.n_bins),
                      "mlm": lambda: MLMHead(d, cfg.vocab_size, activation=cfg.activation,
                                             eps=cfg.norm_eps),
                      "value": lambda: ValueHead(d, cfg.value_head_layers),
-                     "depth_value": lambda: ValueHead(cfg.decoder_d_model)}[cfg.objective]()
+                     "depth_value": lambda: ValueHead(cfg.decoder_d_model,
+                                                      cfg.value_head_layers)}[cfg.objective]()
         self.mvc = MVCDecoder(d) if cfg.mvc else None
         self.classifier = ClassifierHead(d, cfg.n_classes, cfg.dropout, cfg.classifier_layers,
                                          cfg.norm_eps) if cfg.n_classes else None
@@ -182,6 +190,8 @@ class CellModel(nn.Module):
             for block in stack.blocks if stack is not None else ():
                 for w in (block.attn.proj.weight, block.mlp.fc2.weight):
                     nn.init.normal_(w, std=residual_std(std, len(stack.blocks)))
+        if hasattr(self.decoder, "reset_projections"):
+            self.decoder.reset_projections()
 
     def get_num_params(self, *, non_embedding: bool = False) -> int:
         """Number of parameters (shared ones once); without gene/position embeddings
@@ -275,7 +285,8 @@ class CellModel(nn.Module):
             ``target_index`` (the masked ones, else all): ``logits`` (mlm, bin), ``pred``
             (values), ``mvc_pred``; per cell: ``class_logits``, ``recon_pred`` (the
             ``recon_panel`` genes' log1p expression per 10,000 counts); scFoundation's
-            ``decoder_pred``, ``decoder_gene_ids``, ``decoder_offsets``.
+            ``decoder_pred``, ``decoder_hidden_state`` (its gene embeddings),
+            ``decoder_gene_ids``, ``decoder_offsets``.
         """
         cfg = self.config
         backend = attn_implementation or cfg.attn_implementation
@@ -363,21 +374,26 @@ class CellModel(nn.Module):
         is_masked = (src >= 0) & masked[src_c] if masked is not None else None
         from_enc = (src >= 0) if is_masked is None else (src >= 0) & ~is_masked
         x_td = self.embed_tokens(dec_ids, torch.zeros(len(dec_ids), device=dev), is_masked, dec)
-        x_td = torch.where(from_enc[:, None], h_td[enc_pos[src_c]], x_td)
+        h_enc = h_td[enc_pos[src_c]]
+        if self.config.decoder_gene_embedding:  # scFoundation adds them again
+            h_enc = h_enc + self.embed_tokens.gene_vectors(dec_ids)
+        x_td = torch.where(from_enc[:, None], h_enc, x_td)
         # the read-depth tokens lead each decoder cell too
         ddest, d_offsets, prefix = repack(torch.ones_like(dec_ids, dtype=torch.bool),
                                            dec.offsets, n_prefix, dec.cell)
         x_dec = h_td.new_empty(int(d_offsets[-1]), h_td.shape[1])
         x_dec[ddest] = x_td
         x_dec[prefix] = h_td[enc.offsets[:-1, None] + torch.arange(n_prefix, device=dev)]
+        if self.config.decoder_gene_embedding and n_prefix:
+            x_dec[prefix] += self.embed_tokens.depth.weight
         y_td, _ = self.decoder(self.decoder_in(x_dec), Packing(d_offsets, backend=enc.backend))
         pred = self.head(y_td[ddest])
         pos = find_keys(dec.cell * V + dec_ids, inp.cell[target] * V + gene_ids[target])
         if bool((pos < 0).any()):
             msg = "decoder_gene_ids must include every masked gene of its cell."
             raise ValueError(msg)
-        return {"pred": pred[pos], "decoder_pred": pred, "decoder_gene_ids": dec_ids,
-                "decoder_offsets": dec.offsets}
+        return {"pred": pred[pos], "decoder_pred": pred, "decoder_hidden_state": y_td[ddest],
+                "decoder_gene_ids": dec_ids, "decoder_offsets": dec.offsets}
 
     def pool(self, h_td: torch.Tensor, gene_ids: torch.Tensor, packing: Packing,
              n_prefix: int = 0) -> torch.Tensor:

@@ -143,8 +143,7 @@ _REGISTRY: dict[str, PublishedModel] = apply_pins((
         options={"key": "cell"},
         manual=(f"download models.ckpt (the model weights linked from {_SCF_REPO}) and "
                 "OS_scRNA_gene_index.19264.tsv (in that repository) into one folder, then call "
-                "sclcm.models.load('scfoundation-cell', directory=<that folder>); sclcm builds "
-                "its encoder (cell and gene embeddings), not its Performer decoder")),
+                "sclcm.models.load('scfoundation-cell', directory=<that folder>)")),
 ), read_pins())
 
 

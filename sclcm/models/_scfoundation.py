@@ -5,9 +5,10 @@ and ``state_dict`` (``model.``-prefixed names), read with ``torch.load(weights_o
 scFoundation's encoder maps onto sclcm's ``scfoundation`` family one for one: gene identity
 by its row of ``pos_emb`` (the fixed 19,264-gene order, then T and S), auto-discretization
 of the value (leaky ReLU slope 0.1), post-norm torch encoder layers and a final layer norm.
-Its decoder is a Performer (random-feature attention), which sclcm does not build: the
-import gives the encoder, for cell and gene embeddings; the decoder's tensors are named in
-the log and left out.
+Its decoder, a Performer (random-feature attention, :mod:`._performer`) over all genes, maps
+onto sclcm's scFoundation decoder with ``decoder_attention="performer"``: expression
+prediction (``decoder_pred``, read-depth aware) and its gene embeddings
+(``decoder_hidden_state``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from ._model import CellModel
 
 #: Modules of the checkpoint that belong to the Performer decoder.
 DECODER = ("decoder.", "decoder_embed.", "norm.", "to_final.")
+#: The published Performer's prefix and its training-only redraw counter.
+PERFORMER = "decoder.performer."
+REDRAW_COUNTER = "decoder.performer.calls_since_last_redraw"
 #: Special tokens sclcm's vocabulary needs (scFoundation has none: rows of zeros).
 SPECIAL = ("<pad>", "<mask>")
 
@@ -71,7 +75,7 @@ def _gene_vocab(gene_list: str | Path, n_genes: int) -> GeneVocab:
 
 
 def import_scfoundation(checkpoint: str | Path, gene_list: str | Path, *,
-                        key: str = "cell") -> CellModel:
+                        key: str = "cell", decoder: bool = True) -> CellModel:
     """Load scFoundation's encoder as a sclcm :class:`CellModel` with its tokenizer.
 
     Parameters
@@ -84,11 +88,15 @@ def import_scfoundation(checkpoint: str | Path, gene_list: str | Path, *,
     key
         Which model of the checkpoint: ``"cell"`` (cell embeddings), ``"gene"`` or
         ``"rde"`` (read-depth enhancement).
+    decoder
+        Build the Performer decoder too (``objective="depth_value"``: the model's forward
+        with ``decoder_gene_ids`` predicts expression); ``False`` leaves it out (the
+        encoder alone: embeddings, a smaller model).
 
     Returns
     -------
     CellModel
-        A ``CellModel`` of the ``scfoundation`` family (``objective="none"``: the encoder) with an
+        A ``CellModel`` of the ``scfoundation`` family with an
         :class:`~sclcm.tokenizers.ScFoundationTokenizer` attached. Its ``cell_embedding`` is the
         mean over genes; :func:`scfoundation_cell_embedding` gives scFoundation's
         ``[S, T, max, mean]``.
@@ -109,6 +117,26 @@ def import_scfoundation(checkpoint: str | Path, gene_list: str | Path, *,
                         "'transformer')")
     if float(config_raw.get("bin_alpha", 1.0)) != 1.0:
         problems.append(f"bin_alpha {config_raw.get('bin_alpha')} (sclcm's is 1.0)")
+    dec = config_raw.get("decoder", {})
+    dec_fields: dict[str, Any] = dict(decoder_layers=0, decoder_d_model=0, decoder_heads=0,
+                                      decoder_d_ff=0, objective="none")
+    if decoder:
+        if dec.get("module_type") != "performer":
+            problems.append(f"decoder module_type {dec.get('module_type')!r} (sclcm reads "
+                            "'performer'; decoder=False imports the encoder alone)")
+        elif int(dec.get("dim_head", 64)) * int(dec["heads"]) != int(dec["hidden_dim"]):
+            problems.append(f"decoder heads x dim_head = {dec['heads']} x "
+                            f"{dec.get('dim_head', 64)} != hidden_dim {dec['hidden_dim']}")
+        else:
+            projection = sd.get(f"{PERFORMER}net.layers.0.0.fn.fast_attention."
+                                "projection_matrix")
+            dd = int(dec["hidden_dim"])
+            dec_fields = dict(
+                decoder_layers=int(dec["depth"]), decoder_d_model=dd,
+                decoder_heads=int(dec["heads"]), decoder_d_ff=4 * dd,
+                decoder_attention="performer", decoder_gene_embedding=True,
+                decoder_features=int(projection.shape[0]) if projection is not None else 1,
+                objective="depth_value", value_head_layers=1)
     if problems:
         msg = f"{checkpoint}: sclcm cannot import " + "; ".join(problems) + "."
         raise InputError(msg)
@@ -123,14 +151,14 @@ def import_scfoundation(checkpoint: str | Path, gene_list: str | Path, *,
         "scfoundation", "base", **vocab_fields(vocab), n_layers=int(enc["depth"]), d_model=d,
         n_heads=int(enc["heads"]), d_ff=4 * d, norm="post", final_norm=True, activation="relu",
         norm_eps=1e-5, dropout=0.1, attn_dropout=0.1, embed_norm=False,
-        n_bins=int(config_raw.get("bin_num", 100)), autobin_slope=0.1, objective="none",
-        decoder_layers=0, decoder_d_model=0, decoder_heads=0, decoder_d_ff=0, pooling="mean",
+        n_bins=int(config_raw.get("bin_num", 100)), autobin_slope=0.1, pooling="mean",
+        **dec_fields,
         extra={"imported_from": "scfoundation", "key": key,
                "mask_value": config_raw.get("mask_token_id"),
                "pad_value": config_raw.get("pad_token_id")})
     ours, source, used, absent = _map(sd, config, n_genes)
-    decoder = sorted(k for k in sd if k.startswith(DECODER))
-    left = sorted(set(sd) - used - set(decoder))
+    left_out = [] if decoder else sorted(k for k in sd if k.startswith(DECODER))
+    left = sorted(set(sd) - used - set(left_out))
     with torch.device("meta"):
         model = CellModel(config, vocab=vocab)
     want = model.state_dict()
@@ -142,8 +170,9 @@ def import_scfoundation(checkpoint: str | Path, gene_list: str | Path, *,
             ([f"missing {missing[:8]}"] if missing else []) + bad[:8]
         msg = f"{checkpoint}[{key!r}] does not fit its config: " + "; ".join(parts) + "."
         raise InputError(msg)
-    logg.info(f"    not used: the Performer decoder ({len(decoder)} tensors) and "
-              "token_emb.emb_pad (packed cells have no padding)")
+    logg.info("    not used: " + (f"the Performer decoder ({len(left_out)} tensors), "
+                                 if left_out else "")
+              + "token_emb.emb_pad (packed cells have no padding)")
     load_state(model, ours, source=f"{checkpoint}[{key!r}]")
     from ..tokenizers import ScFoundationTokenizer
 
@@ -192,7 +221,31 @@ def _map(sd: dict[str, torch.Tensor], config: ModelConfig, n_genes: int
                 put(our + f"{a}.{p}", theirs + f"{b}.{p}")
     for p in ("weight", "bias"):
         put(f"encoder.ln_f.{p}", f"encoder.norm.{p}")
+    if config.decoder_attention == "performer":
+        _map_performer(put, config.decoder_layers)
+        used.add(REDRAW_COUNTER)  # a training counter: the projections are fixed here
     return ours, source, used, absent
+
+
+def _map_performer(put: Any, n_layers: int) -> None:
+    """The published decoder: ``decoder_embed``, the Performer's blocks (``net.layers.i.0``
+    attention, ``.1`` feed-forward, each under its pre-norm wrapper), its final norm, the
+    model's ``norm`` and ``to_final``."""
+    for p in ("weight", "bias"):
+        put(f"decoder_in.{p}", f"decoder_embed.{p}")
+        put(f"decoder.ln_f.{p}", f"decoder.norm.{p}")
+        put(f"decoder.ln_out.{p}", f"norm.{p}")
+        put(f"head.fc1.{p}", f"to_final.{p}")
+    for i in range(n_layers):
+        theirs, our = f"{PERFORMER}net.layers.{i}.", f"decoder.blocks.{i}."
+        put(our + "attn.projection", theirs + "0.fn.fast_attention.projection_matrix")
+        for p in ("weight", "bias"):
+            put(our + f"ln_1.{p}", theirs + f"0.norm.{p}")
+            put(our + f"ln_2.{p}", theirs + f"1.norm.{p}")
+            for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj", "to_out")):
+                put(our + f"attn.{a}.{p}", theirs + f"0.fn.{b}.{p}")
+            put(our + f"mlp.fc1.{p}", theirs + f"1.fn.fn.w1.{p}")
+            put(our + f"mlp.fc2.{p}", theirs + f"1.fn.fn.w2.{p}")
 
 
 @torch.inference_mode()
