@@ -114,6 +114,7 @@ def mouse_adata(load):
     return load(CHAI_MOUSE)[:200].copy()
 
 
+@pytest.mark.slow
 def test_gene_identity_snippets_run_as_written(workdir, mouse_adata):
     scope = {"mouse_adata": mouse_adata}
     exec(doc_code("readme-genes"), scope)
@@ -155,6 +156,7 @@ def test_tokenizer_and_model_pages_run_as_written(workdir):
     assert (workdir / "gf-small-fp16" / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_embedding_checks_and_settings_snippets_run_as_written(load):
     import scanpy as sc
 
