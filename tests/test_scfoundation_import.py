@@ -16,7 +16,12 @@ from test_model_data import cell_rows
 from torch import nn
 
 from sclcm import InputError
-from sclcm.models import CellModel, import_scfoundation, scfoundation_cell_embedding
+from sclcm.models import (
+    CellModel,
+    ModelConfig,
+    import_scfoundation,
+    scfoundation_cell_embedding,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -254,3 +259,36 @@ def test_a_pickled_object_is_refused(tmp_path):
     torch.save({"cell": nn.Linear(2, 2)}, tmp_path / "models.ckpt")
     with pytest.raises(InputError, match="weights_only"):
         import_scfoundation(tmp_path / "models.ckpt", tmp_path / "genes.tsv")
+
+
+def test_a_new_performer_decoder_trains_and_each_cell_is_its_own():
+    """Built fresh (not imported), the decoder draws orthogonal random features, passes
+    gradients, and a cell's prediction does not depend on the cells packed with it (each
+    cell's key sums are its own)."""
+    from test_model_data import random_mask, tokens
+
+    tok, batch = tokens("scfoundation", 4)
+    torch.manual_seed(0)
+    config = ModelConfig.preset("scfoundation", "tiny", vocab=tok.vocab,
+                                decoder_attention="performer", decoder_features=24,
+                                decoder_gene_embedding=True, value_head_layers=1)
+    model = CellModel(config, tokenizer=tok)
+    proj = model.decoder.blocks[0].attn.projection
+    e = proj.shape[1]
+    rows = proj[:e] / proj[:e].norm(dim=1, keepdim=True)
+    assert len(proj) > e  # a full block of orthogonal rows, then part of another
+    torch.testing.assert_close(rows @ rows.T, torch.eye(e), atol=1e-5, rtol=0)
+    inputs, masked = model.inputs(batch), random_mask(batch, 0.2)
+    out = model.train()(**inputs, masked=masked)
+    F.mse_loss(out["pred"], inputs["values"][masked].float()).backward()
+    assert model.decoder.blocks[0].attn.k.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        together = model(**inputs, masked=masked)["pred"]
+        a, b = int(batch.offsets[0]), int(batch.offsets[1])
+        first = model(inputs["gene_ids"][a:b], torch.tensor([0, b - a]),
+                      inputs["values"][a:b], depth=inputs["depth"][:1],
+                      masked=masked[a:b])["pred"]
+    n_first = int(masked[a:b].sum())
+    assert n_first > 0
+    torch.testing.assert_close(first, together[:n_first], atol=1e-5, rtol=0)
