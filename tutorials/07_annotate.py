@@ -78,7 +78,7 @@ print(f"best validation macro-F1 {m['best_val_macro_f1']:.3f} at step {m['best_s
 # the cell's *typicality*, how its distance to the classifier's training cells (in the
 # model's embedding) compares with the training cells' distances among themselves, after
 # the query's overall shift (a new donor, a condition) is divided out. Cells scoring below
-# the threshold (0.02 by default) are `"Unassigned"`. `sclcm.pl.annotation` draws the
+# the threshold (0.05 by default; 0.02 for kNN) are `"Unassigned"`. `sclcm.pl.annotation` draws the
 # confusion matrix (each row a true type, normalized to 1) and each type's F1.
 
 # %%
