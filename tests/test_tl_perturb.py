@@ -17,7 +17,7 @@ from scipy import sparse
 import sclcm
 from sclcm.genes import GeneVocab, resolve
 from sclcm.models import CellModel, ModelConfig
-from sclcm.tl._perturb_edit import CellIndex, Encoding, build, plan_all, plan_listed
+from sclcm.tl._perturb._edit import CellIndex, Encoding, build, plan_all, plan_listed
 from sclcm.tokenizers import (
     ColumnMap,
     GeneformerTokenizer,

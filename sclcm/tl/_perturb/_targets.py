@@ -10,16 +10,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .. import logging as logg
-from .._checks import InputError
-from ._cells import check_tool_input
-from ._perturb_edit import MODES
-from ._perturb_stats import sample_null
+from ... import logging as logg
+from ..._checks import InputError
+from .._cells import check_tool_input
+from ._edit import MODES
+from ._stats import sample_null
 
 if TYPE_CHECKING:
     from anndata import AnnData
 
-    from ._cells import CellTokens
+    from .._cells import CellTokens
 
 
 def is_all(genes: Any) -> bool:

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .. import logging as logg
-from .._checks import InputError
-from .._progress import progress
-from ._cells import CellTokens
-from ._forward import precision_for
-from ._model_ref import get_model
-from ._perturb_edit import CellIndex, Encoding, build, plan_all, plan_listed
-from ._perturb_stats import expression_groups, perturbation_table, sample_null
-from ._perturb_targets import (
+from ... import logging as logg
+from ..._checks import InputError
+from ..._progress import progress
+from .._cells import CellTokens
+from .._forward import precision_for
+from .._model_ref import get_model
+from ._edit import CellIndex, Encoding, build, plan_all, plan_listed
+from ._stats import expression_groups, perturbation_table, sample_null
+from ._targets import (
     Targets,
     check_args,
     draw_null,
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     import torch
     from anndata import AnnData
 
-    from ..models import CellModel
-    from ._perturb_score import Scorer
+    from ...models import CellModel
+    from ._score import Scorer
 
 #: Cells per block read and tokenized at once (the copies of a block are planned together).
 BLOCK_CELLS = 256
@@ -256,8 +256,8 @@ def _goal_mean(net: CellModel, adata: AnnData, rows: np.ndarray, cells: CellToke
     """Mean embedding of the goal-state cells."""
     import torch
 
-    from ._forward import autocast
-    from ._perturb_score import Scorer
+    from .._forward import autocast
+    from ._score import Scorer
 
     scorer = Scorer(net, device, n_perts=0, batch_size=None, goal=None, gene_shifts=False)
     goal = CellTokens(adata[rows], cells.tokenizer, cells.report, cells.column_map, layer)
@@ -295,8 +295,8 @@ def _screen(net: CellModel, cells: CellTokens, enc: Encoding, V: int, mode: str,
     """The main pass: per block, the originals, then all perturbed copies, packed."""
     import torch
 
-    from ._forward import autocast
-    from ._perturb_score import Scorer
+    from .._forward import autocast
+    from ._score import Scorer
 
     n_perts = len(pert_offsets) - 1
     scorer = Scorer(net, device, n_perts=n_perts, batch_size=batch_size, goal=goal,
@@ -425,7 +425,7 @@ def _full(values: np.ndarray, rows: np.ndarray, n_obs: int) -> np.ndarray:
 
 
 def _model_id(model: Any) -> str:
-    from ._model_ref import DEFAULT_MODEL
+    from .._model_ref import DEFAULT_MODEL
 
     if model is None:
         return DEFAULT_MODEL

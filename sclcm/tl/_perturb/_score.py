@@ -18,13 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..tokenizers._kernels import positions_in_row
-from ._forward import Budget, input_rows, plan_batches
+from ...tokenizers._kernels import positions_in_row
+from .._forward import Budget, input_rows, plan_batches
 
 if TYPE_CHECKING:
-    from ..models import CellModel
-    from ..tokenizers import TokenBatch
-    from ._perturb_edit import CellIndex, Edits
+    from ...models import CellModel
+    from ...tokenizers import TokenBatch
+    from ._edit import CellIndex, Edits
 
 
 def token_rows(batch: TokenBatch, rows: np.ndarray) -> np.ndarray:

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..tokenizers import TokenBatch
-from ..tokenizers._kernels import positions_in_row, row_ids
+from ...tokenizers import TokenBatch
+from ...tokenizers._kernels import positions_in_row, row_ids
 
 if TYPE_CHECKING:
-    from ..tokenizers import Tokenizer
+    from ...tokenizers import Tokenizer
 
 MODES = ("delete", "overexpress", "inhibit", "activate")
 
