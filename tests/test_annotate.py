@@ -486,3 +486,19 @@ def test_mouse_query_on_a_human_reference(caplog):
     acc = (truth[shared & assigned] == pred[shared & assigned]).mean()
     assert acc > 0.8, acc
     assert assigned[shared].mean() > 0.8
+
+
+def test_docs_finetune_yaml_is_valid():
+    """The YAML of docs/annotation.md is read and checked as `sclcm finetune` reads it."""
+    from pathlib import Path
+
+    import yaml
+    from test_readme import code_blocks
+
+    from sclcm.train import load_finetune_config
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "annotation.md"
+    (block,) = [b for b in code_blocks(page) if b.lang == "yaml"]
+    cfg = load_finetune_config(yaml.safe_load(block.code))
+    assert cfg.model.freeze_layers == 3
+    assert cfg.trainer.checkpoint_every == 100
