@@ -76,6 +76,7 @@ def test_joint_object_holds_both_and_scanpy_reads_it(data, joint, tmp_path):
     assert 0 < rec["count_coverage"]["query"] < rec["count_coverage"]["reference"] <= 1
     assert rec["n_unassigned"] == int((query.obs["sclcm_label"] == "Unassigned").sum())
 
+    joint = joint.copy()  # the module's object stays without a UMAP for the figure test
     sc.pp.neighbors(joint, use_rep="X_sclcm", n_neighbors=10)
     sc.tl.umap(joint, random_state=0)
     path = tmp_path / "joint.h5ad"
