@@ -42,7 +42,7 @@ _ID_COLUMN = {"homo_sapiens": "human_id", "mus_musculus": "mouse_id"}
 
 
 def check_rule(orthologs: str) -> str:
-    """``orthologs`` if it is one of :data:`ORTHOLOG_RULES`, else an :class:`InputError`."""
+    """``orthologs`` if it is one of ``sclcm.genes.ORTHOLOG_RULES``, else an :class:`InputError`."""
     if orthologs not in ORTHOLOG_RULES:
         msg = (f"orthologs must be one of {ORTHOLOG_RULES} (one-to-one orthologs only, or "
                f"every ortholog pair), not {orthologs!r}.")
@@ -63,7 +63,7 @@ def ortholog_pairs(source: str, target: str, *, orthologs: str = "one2one",
     """Ortholog pairs from ``source`` to ``target`` species under the rule ``orthologs``.
 
     Returns a frame with columns ``source`` and ``target`` (Ensembl IDs), one row per
-    pair. ``table`` replaces the shipped :func:`ortholog_table` (columns ``human_id``,
+    pair. ``table`` replaces the shipped :func:`~sclcm.genes.ortholog_table` (columns ``human_id``,
     ``mouse_id``, ``one2one``), e.g. to test a rule on hand-made pairs.
 
     >>> pairs = ortholog_pairs("mouse", "human", orthologs="all")
@@ -199,10 +199,10 @@ def to_species(adata: AnnData, species: str, *, orthologs: str = "one2one",
 
     ``var_names`` are the target species' Ensembl IDs (``var["symbol"]`` their symbols,
     ``var["n_source"]`` how many of ``adata``'s columns were summed into each); counts are
-    moved as :mod:`the rule says <sclcm.genes._orthologs>` (``"all"``: a gene's count
-    copied onto each of its orthologs, several genes summed onto one). ``adata`` is read
+    moved as the rule says (``"all"``: a gene's count copied onto each of its orthologs,
+    several genes summed onto one; ``docs/cross_species.md`` says why). ``adata`` is read
     in row blocks (``backed="r"`` works) and never changed: its ``var`` keeps its names.
-    ``uns["sclcm_orthologs"]`` gets :meth:`SpeciesMap.coverage`.
+    ``uns["sclcm_orthologs"]`` gets :meth:`~sclcm.genes.SpeciesMap.coverage`.
 
     Raises
     ------
