@@ -289,7 +289,7 @@ def _check_args(query: AnnData, method: str, reference: AnnData | None,
 
 def _reference_labels(reference: AnnData, label_key: str):
     """The reference's labels as strings (NaN kept as NaN), with the NaN checks."""
-    from ..train._finetune import missing_labels
+    from ..train._finetune_labels import missing_labels
 
     labels = reference.obs[label_key]
     missing = missing_labels(reference, label_key, name="reference", cells="reference cells",
