@@ -253,7 +253,10 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
     CellModel
         The fine-tuned :class:`~sclcm.models.CellModel`, with the weights of its best
         validation macro-F1, its tokenizer, and ``labels`` (class names in the head's order),
-        ``temperature`` (1 without ``calibrate``) and ``finetune_metrics`` attributes.
+        ``temperature`` (1 without ``calibrate``), ``reference_embedding`` (embeddings of up
+        to 2,000 training cells, which :func:`sclcm.tl.annotate` measures each query cell's
+        typicality against; saved as ``reference_embedding.npy``) and ``finetune_metrics``
+        attributes.
 
     Raises
     ------
