@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ._figure import finish
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.figure import Figure
@@ -107,10 +109,4 @@ def annotation(adata: AnnData, key: str = "sclcm_label", *, truth: str,
                 .mean())
     fig.suptitle(f"{key} vs {truth}: accuracy {acc:.3f}, macro-F1 {f1.mean():.3f}",
                  fontsize=10)
-    fig.tight_layout()
-    if save is not None:
-        fig.savefig(save, dpi=150, bbox_inches="tight")
-    if show or (show is None and save is None):
-        plt.show()
-        return None
-    return fig
+    return None if finish(fig, show=show, save=save) else fig

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ._figure import finish
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
-    from matplotlib.figure import Figure
 
 
 def _record(adata: AnnData, key: str, field: str, tool: str) -> dict:
@@ -34,19 +35,6 @@ def _group(rec: dict, group: str | None, key: str) -> str:
         msg = f"group {group!r} is not in uns[{key!r}] (it has {groups})."
         raise ValueError(msg)
     return group
-
-
-def _finish(fig: Figure, *, show: bool | None, save: str | None) -> bool:
-    """Save and show as scanpy does; whether the figure was shown."""
-    import matplotlib.pyplot as plt
-
-    if save is not None:
-        fig.savefig(save, dpi=150, bbox_inches="tight")
-    if show or (show is None and save is None and plt.isinteractive()):
-        plt.show()
-        return True
-    return False
-
 
 def gene_network(adata: AnnData, gene: str, *, key: str = "sclcm_network_attention",
                  group: str | None = None, n_neighbors: int = 10, ax: Axes | None = None,
@@ -119,7 +107,7 @@ def gene_network(adata: AnnData, gene: str, *, key: str = "sclcm_network_attenti
     ax.set_ylim(-1.35, 1.35)
     ax.set_aspect("equal")
     ax.axis("off")
-    return None if _finish(ax.figure, show=show, save=save) else ax
+    return None if finish(ax.figure, show=show, save=save, tight=False) else ax
 
 
 def attention(adata: AnnData, genes: Sequence[str], *, key: str = "sclcm_attention",
@@ -179,4 +167,4 @@ def attention(adata: AnnData, genes: Sequence[str], *, key: str = "sclcm_attenti
         ax.set_xlabel("key (attended to)" if form == "directed" else "gene")
     axes[0].set_ylabel("query (attending)" if form == "directed" else "gene")
     fig.colorbar(im, ax=axes, shrink=0.8, label="mean attention")
-    return None if _finish(fig, show=show, save=save) else axes
+    return None if finish(fig, show=show, save=save, tight=False) else axes

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ._annotate import UNASSIGNED, annotation_table
+from ._figure import finish
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -80,13 +81,7 @@ def map_species(joint: AnnData, *, label_key: str, key: str = "sclcm", basis: st
     else:
         ax.set_axis_off()
         ax.set_title("no query cell has a true type the reference has")
-    fig.tight_layout()
-    if save is not None:
-        fig.savefig(save, dpi=150, bbox_inches="tight")
-    if show or (show is None and save is None):
-        plt.show()
-        return None
-    return fig
+    return None if finish(fig, show=show, save=save) else fig
 
 
 def _scatter(ax, xy: np.ndarray, values, title: str) -> None:

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ._figure import finish
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -81,10 +83,4 @@ def pretraining(run_dir: str | Path, *, smooth: int = 10, show: bool | None = No
         ax.set_title(TERMS[term] if not single else "loss")
         ax.set_xlabel("step")
         ax.legend(frameon=False, fontsize=8)
-    fig.tight_layout()
-    if save is not None:
-        fig.savefig(save, dpi=120, bbox_inches="tight")
-    if show or (show is None and save is None):
-        plt.show()
-        return None
-    return fig
+    return None if finish(fig, show=show, save=save, dpi=120) else fig
