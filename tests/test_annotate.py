@@ -142,6 +142,24 @@ def test_nan_labels_left_out_with_count(caplog):
     assert model.finetune_metrics["n_train"] + model.finetune_metrics["n_val"] == 93
 
 
+def test_finetune_on_another_species_follows_the_ortholog_rule():
+    # mouse cells on a human vocabulary: "all" also carries one-to-many orthologs (more of
+    # the counts reach the model), and the rule is recorded
+    mouse = ad.read_h5ad(data_path(CHAI_MOUSE))
+    mouse = mouse[mouse.obs["cell_type"].isin(["beta", "ductal", "delta"]).to_numpy()]
+    mouse = mouse[::4].copy()
+    coverage = {}
+    for rule in ("one2one", "all"):
+        model = finetune(mouse, "cell_type", tiny(), orthologs=rule, max_steps=1,
+                         val_every=1, calibrate=False, progress_bar=False, accelerator="cpu")
+        assert model.finetune_metrics["orthologs"] == rule
+        coverage[rule] = model.finetune_metrics["count_coverage"]
+    assert coverage["all"] > coverage["one2one"] > 0.5
+    with pytest.raises(sclcm.InputError, match="orthologs must be one of"):
+        finetune(mouse, "cell_type", tiny(), orthologs="one-to-one", max_steps=1,
+                 progress_bar=False, accelerator="cpu")
+
+
 def test_annotate_refuses_a_model_without_head():
     with pytest.raises(sclcm.InputError, match="no trained classification head"):
         sclcm.tl.annotate(kang(20), tiny())

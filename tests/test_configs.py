@@ -227,8 +227,11 @@ def run_config(tmp_path, **sections) -> dict:
      r"GeneformerTokenizer takes no option 'maxlen' \(did you mean 'max_len'\?\)"),
     ({"vocab": {"biotypes": ["protein-coding"]}},
      r"vocab\.biotypes entries must be among .*\(did you mean 'protein_coding'\?\)"),
+    ({"data": {"orthologs": "one_to_one"}},
+     r"data\.orthologs must be one of 'one2one', 'all', not 'one_to_one'"),
 ], ids=["size", "override-name", "override-value", "override-consistency", "override-vocab",
-        "accelerator", "precision", "strategy", "key", "tokenizer-option", "biotype"])
+        "accelerator", "precision", "strategy", "key", "tokenizer-option", "biotype",
+        "orthologs"])
 def test_pretrain_config_is_checked_before_any_work(tmp_path, no_prepare, sections, match):
     from sclcm.train import ConfigError, pretrain
 

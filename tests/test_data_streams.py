@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CIDER, KANG_IFNB, data_path
+from conftest import CHAI_MOUSE, CIDER, KANG_IFNB, data_path
 from scipy import sparse
 from test_data_inputs import scratch
 from torch.utils.data import DataLoader
@@ -179,6 +179,36 @@ def test_several_files_stream_over_the_union_of_genes(load):
             assert got.sum() == block.X[np.flatnonzero(rows)].sum()  # nothing elsewhere
     assert mixed  # blocks mix cells of both files
     assert np.array_equal(np.sort(ids_of(stream)), np.arange(N_KANG + 328))
+
+
+@pytest.mark.parametrize("orthologs", ["one2one", "all"])
+def test_a_mouse_file_reaches_human_genes_through_orthologs(load, orthologs):
+    # a human and a mouse file: the stream is in the first one's species, the mouse cells
+    # on human Ensembl IDs as sclcm.genes.to_species puts them (not by symbol: Ins2 is no
+    # human symbol, INS is its ortholog)
+    stream = AnnDataStream([data_path(KANG_IFNB), data_path(CHAI_MOUSE)],
+                           orthologs=orthologs, **SMALL)
+    human, mouse = load(KANG_IFNB), load(CHAI_MOUSE)
+    assert stream.genes.species == "homo_sapiens"
+    assert stream.genes.report().coverage == 1.0  # the columns are reference IDs
+    expected = [sclcm.genes.resolve(human, count_coverage=False).collapse(human),
+                sclcm.genes.to_species(mouse, "human", orthologs=orthologs)]
+    assert set(stream.genes.var_names) == set(expected[0].var_names) | set(
+        expected[1].var_names)
+    for block in stream:
+        from_human = block.cell_ids < N_KANG
+        for src, rows, offset in ((0, from_human, 0), (1, ~from_human, N_KANG)):
+            ref = expected[src][block.cell_ids[rows] - offset]
+            got = block.X[np.flatnonzero(rows)][:, stream.genes.var_names.get_indexer(
+                ref.var_names)]
+            assert abs(got - sparse.csr_matrix(ref.X)).max() == 0
+            assert got.sum() == block.X[np.flatnonzero(rows)].sum()  # nothing elsewhere
+    assert np.array_equal(stream.measured(1), np.sort(stream.genes.var_names.get_indexer(
+        expected[1].var_names)))
+    ins = stream.genes.var_names.get_loc("ENSG00000254647")  # INS
+    beta = np.flatnonzero(mouse.obs["cell_type"] == "beta")
+    reads = sum(b.X[np.isin(b.cell_ids, beta + N_KANG), ins].sum() for b in stream)
+    assert reads == mouse[beta, ["Ins1", "Ins2"] if orthologs == "all" else ["Ins2"]].X.sum()
 
 
 def test_tokenized_stream_matches_tokenizing_the_anndata(load):

@@ -126,6 +126,8 @@ def test_gene_identity_snippets_run_as_written(workdir, mouse_adata):
     exec(doc_code("genes"), scope)
     assert (scope["ids"] >= -1).all()
     assert (scope["ids"] >= 0).mean() > 0.5
+    assert scope["every"].n_vars > scope["human"].n_matched  # "all": one-to-many carried
+    assert scope["every"].uns["sclcm_orthologs"]["count_inflation"] >= 1
 
 
 def test_tokenizer_and_model_snippets_run_as_written(load, tmp_path, monkeypatch):

@@ -10,8 +10,9 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from .. import logging as logg
 from .._matrix import get_matrix
-from ._block import CellBlock, GeneSpace, as_csr
+from ._block import CellBlock, GeneSpace, _var_only, as_csr
 from ._stream import ChunkedStream
 
 if TYPE_CHECKING:
@@ -29,7 +30,9 @@ class _Source:
     path: Path | None  # read backed (or loaded) lazily in each process
     adata: AnnData | None  # an in-memory AnnData given by the caller
     obs: pd.DataFrame
-    columns: np.ndarray | None  # position of each var in the stream's genes; None: same
+    # position of each var in the stream's genes (joined by name), or a 0/1 matrix onto
+    # them (another species, through orthologs); None: the stream's genes are its own
+    columns: np.ndarray | sparse.csr_matrix | None
     rows: np.ndarray | None = None  # the rows the stream reads (ascending); None: all
 
     @property
@@ -47,8 +50,12 @@ class AnnDataStream(ChunkedStream):
     Files are read ``backed="r"`` in each process that iterates (DataLoader workers
     included): only a buffer of counts is in memory (and the ``obs_columns`` of all
     cells), and reads stay sequential within chunks of ``chunk_size`` rows. Several
-    sources form one stream over the union of their genes (by ``var_names``), so blocks
-    mix cells of all files.
+    sources form one stream over the union of their genes, so blocks mix cells of all
+    files: by ``var_names`` when the sources share a species; sources of another species
+    than the stream's (inferred from the names) are resolved in their own species and
+    moved onto the stream's genes (Ensembl IDs) through orthologs, as
+    :func:`sclcm.genes.to_species` does, so mouse ``Ins1`` and ``Ins2`` reach human
+    ``INS`` under ``orthologs="all"``.
 
     Parameters
     ----------
@@ -61,7 +68,12 @@ class AnnDataStream(ChunkedStream):
     backed
         Read files ``backed="r"`` (``False`` loads each file into every reading process).
     species
-        Species of the genes (for tokenizers); inferred from the names when ``None``.
+        Species of the stream's genes; ``None``: inferred from the names (the first
+        source's when the sources' species differ).
+    orthologs
+        How sources of another species reach it: ``"one2one"`` (one-to-one orthologs
+        only) or ``"all"`` (a gene's count copied onto each of its orthologs, several
+        genes summed onto one; :mod:`sclcm.genes` says why).
     rows
         Per source, the rows to read (e.g. a training or held-out split); ``None`` for
         all rows of every source, or ``None`` in place of one source's array. Cell ids stay
@@ -85,10 +97,10 @@ class AnnDataStream(ChunkedStream):
     def __init__(self, data: AnnData | str | Path | Sequence[AnnData | str | Path], *,
                  layer: str | None = None, obs_columns: Sequence[str] | None = None,
                  backed: bool = True, species: str | None = None,
-                 rows: Sequence[np.ndarray | None] | None = None, block_size: int = 1024,
-                 chunk_size: int = 64, buffer_size: int | None = 16_384, shuffle: bool = True,
-                 seed: int = 0, even_shards: bool = True, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 orthologs: str = "one2one", rows: Sequence[np.ndarray | None] | None = None,
+                 block_size: int = 1024, chunk_size: int = 64,
+                 buffer_size: int | None = 16_384, shuffle: bool = True, seed: int = 0,
+                 even_shards: bool = True, rank: int = 0, world_size: int = 1) -> None:
         super().__init__(block_size=block_size, chunk_size=chunk_size, buffer_size=buffer_size,
                          shuffle=shuffle, seed=seed, even_shards=even_shards, rank=rank,
                          world_size=world_size)
@@ -99,7 +111,9 @@ class AnnDataStream(ChunkedStream):
         self.layer, self.backed = layer, bool(backed)
         metas = [_describe(item) for item in items]
         cols = _obs_columns([m[1] for m in metas], obs_columns)
-        var, columns = _union_genes([m[2] for m in metas], [m[0] or "AnnData" for m in metas])
+        var, columns, species = _join_genes([m[2] for m in metas],
+                                            [m[0] or "AnnData" for m in metas], species,
+                                            orthologs)
         self.genes = GeneSpace(var, species=species)
         self.sources = [_Source(path, adata, obs[cols], col)
                         for (path, obs, _, adata), col in zip(metas, columns, strict=True)]
@@ -112,6 +126,13 @@ class AnnDataStream(ChunkedStream):
         state = self.__dict__.copy()
         state["_handles"] = {}  # open files are per process
         return state
+
+    def measured(self, i: int) -> np.ndarray:
+        """The columns of the stream's genes that source ``i`` measures (ascending)."""
+        cols = self.sources[i].columns
+        if cols is None:
+            return np.arange(self.genes.n_genes)
+        return np.unique(cols.indices if isinstance(cols, sparse.csr_matrix) else cols)
 
     def _sizes(self) -> list[int]:
         return [s.n_read for s in self.sources]
@@ -141,7 +162,10 @@ class AnnDataStream(ChunkedStream):
             else:  # read the span of the chosen rows (one sequential read), keep those
                 rows = src.rows[start:stop]
                 X = as_csr(self._matrix(i)[int(rows[0]):int(rows[-1]) + 1])[rows - rows[0]]
-            if src.columns is not None:
+            if isinstance(src.columns, sparse.csr_matrix):  # orthologs: copy and sum
+                X = sparse.csr_matrix(X @ src.columns, dtype=np.result_type(X.dtype,
+                                                                              np.float32))
+            elif src.columns is not None:
                 X = sparse.csr_matrix((X.data, src.columns[X.indices], X.indptr),
                                       shape=(X.shape[0], n_genes))
             Xs.append(X)
@@ -286,3 +310,55 @@ def _union_genes(vars_: list[pd.DataFrame], names: list) -> tuple[pd.DataFrame,
     var = var[~var.index.duplicated()]
     columns = [var.index.get_indexer(v.index).astype(np.int64) for v in vars_]
     return var, [None if np.array_equal(c, np.arange(len(var))) else c for c in columns]
+
+
+def _join_genes(vars_: list[pd.DataFrame], names: list, species: str | None, orthologs: str
+                ) -> tuple[pd.DataFrame, list[np.ndarray | sparse.csr_matrix | None],
+                           str | None]:
+    """The stream's genes, each source's columns in them, and the stream's species.
+
+    Sources of one species are joined by name (:func:`_union_genes`). Otherwise every
+    source is resolved in its own species and joined on the Ensembl IDs of the stream's
+    species, those of another species through ``orthologs``: a symbol match across
+    species (``Ins2`` read as a human name) would miss every gene whose symbols differ.
+    """
+    from ..genes._orthologs import SpeciesMap, check_rule, species_of
+
+    check_rule(orthologs)
+    found = [_species_of(var) for var in vars_]
+    target = species_of(species) if species is not None else next(
+        (s for s in found if s is not None), None)
+    if target is None or all(s in (None, target) for s in found):
+        return (*_union_genes(vars_, names), species)
+    from ..genes import gene_table, resolve
+
+    edges, ids = [], []  # per source: (columns, target Ensembl IDs) pairs
+    for var, own, name in zip(vars_, found, names, strict=True):
+        report = resolve(_var_only(var), own or target, count_coverage=False)
+        if report.species == target:
+            cols = np.flatnonzero(report.matched)
+            tgt = report.ensembl_id[cols].astype(str)
+        else:
+            smap = SpeciesMap.build(report, target, orthologs=orthologs)
+            coo = smap.matrix.tocoo()
+            cols, tgt = coo.row, smap.target_ids.to_numpy()[coo.col].astype(str)
+            logg.info(f"    {name}: {len(np.unique(cols))} of {len(var)} {report.species} "
+                      f"genes reach {len(np.unique(tgt))} {target} genes ({orthologs} "
+                      "orthologs)")
+        edges.append((cols, tgt, len(var)))
+        ids.append(tgt)
+    union = pd.Index(pd.unique(np.concatenate(ids)))
+    union.name = None
+    out = pd.DataFrame(index=union)
+    out["feature_name"] = gene_table(target).symbol.reindex(union).to_numpy()
+    columns = [sparse.csr_matrix((np.ones(len(cols), dtype=np.float32),
+                                  (cols, union.get_indexer(tgt))), shape=(n, len(union)))
+               for cols, tgt, n in edges]
+    return out, columns, target
+
+
+def _species_of(var: pd.DataFrame) -> str | None:
+    """The species whose reference matches most of ``var``'s names (``None``: neither)."""
+    from ..genes._resolve import infer_species
+
+    return infer_species(_var_only(var))

@@ -73,6 +73,12 @@ def _infer_species(ids: list, symbols: list) -> tuple[str | None, dict[str, floa
     return (best if score[best] > 0 else None), score
 
 
+def infer_species(adata: AnnData) -> str | None:
+    """The species whose reference matches most of ``adata``'s gene names (``None``:
+    neither), as :func:`resolve` infers it."""
+    return _infer_species(*_candidates(adata))[0]
+
+
 def _resolve_symbols(names: pd.Index, lookups: dict, todo: np.ndarray, ensembl: np.ndarray,
                      method: np.ndarray, ambiguous: dict, label: str | None = None) -> None:
     """Fill ``ensembl``/``method`` in place for rows in ``todo`` found through ``names``.

@@ -68,10 +68,8 @@ def map_species(query: AnnData, reference: AnnData, *,
         with fewer than 5 cells are left out of it, with a warning).
     orthologs
         ``"one2one"`` or ``"all"`` (``sclcm.genes.ORTHOLOG_RULES``): which orthologs
-        carry a species' genes onto the model's; see :func:`sclcm.tl.embed`. A classifier
-        fine-tuned here on a reference of another species than the model's reads that
-        reference through one-to-one orthologs (:func:`sclcm.train.finetune` has no rule);
-        the rule applies to the embeddings and the query's labels.
+        carry a species' genes onto the model's; see :func:`sclcm.tl.embed`. It applies
+        to the embeddings, the query's labels and a classifier fine-tuned here.
     k
         ``method="knn"``: reference neighbours per query cell.
     threshold
@@ -138,7 +136,8 @@ def map_species(query: AnnData, reference: AnnData, *,
            orthologs=orthologs, key_added=key_added, layer=layer,
            reference_layer=reference_layer, k=k)
     ref_labels = _reference_labels(reference, label_key)
-    net = _model(model, method, reference, label_key, reference_layer, finetune, device)
+    net = _model(model, method, reference, label_key, reference_layer, finetune, device,
+                 orthologs)
     dev = next(net.parameters()).device
     precision = precision_for(precision, dev)
     ref_cells = CellTokens.prepare(reference, net.tokenizer, layer=reference_layer,
@@ -225,7 +224,7 @@ def _check(query: AnnData, reference: AnnData, *, label_key: str, method: str,
 
 def _model(model: Any, method: str, reference: AnnData, label_key: str,
            reference_layer: str | None, finetune: dict[str, Any] | None,
-           device: Any) -> CellModel:
+           device: Any, orthologs: str) -> CellModel:
     """The model that embeds both: as given (kNN, or an already fine-tuned classifier), or
     fine-tuned on the reference here."""
     from ._model_ref import get_model
@@ -246,7 +245,8 @@ def _model(model: Any, method: str, reference: AnnData, label_key: str,
         logg.warning(f"reference types with fewer than {MIN_CELLS_PER_CLASS} cells are left "
                      f"out of the classifier: {', '.join(map(str, rare))}")
         reference = reference[~reference.obs[label_key].isin(rare).to_numpy()]
-    options = {"layer": reference_layer, "progress_bar": False, **(finetune or {})}
+    options = {"layer": reference_layer, "orthologs": orthologs, "progress_bar": False,
+               **(finetune or {})}
     logg.info(f"fine-tuning a classifier on the {reference.n_obs} reference cells")
     return get_model(finetune_(reference, label_key, model, **options), device=device)
 

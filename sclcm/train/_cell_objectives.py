@@ -156,14 +156,13 @@ class PanelTargets:
 
     def _measured(self, col_pos: np.ndarray, cell_ids: np.ndarray) -> np.ndarray:
         """``n_cells x len(panel)``: whether each cell's source measures each panel gene."""
-        sources = getattr(self.stream, "sources", None)
+        measured = getattr(self.stream, "measured", None)
         offsets = getattr(self.stream, "offsets", None)
-        if sources is None or offsets is None:
+        if measured is None or offsets is None:
             cols = [np.arange(len(col_pos))]
             which = np.zeros(len(cell_ids), dtype=np.int64)
         else:
-            cols = [np.arange(len(col_pos)) if getattr(s, "columns", None) is None
-                    else s.columns for s in sources]
+            cols = [measured(i) for i in range(len(offsets) - 1)]
             which = np.searchsorted(offsets, cell_ids, side="right") - 1
         masks = np.zeros((len(cols), len(self.panel)), dtype=bool)
         for i, c in enumerate(cols):

@@ -22,6 +22,7 @@ from types import UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from .._checks import InputError
+from ..genes import ORTHOLOG_RULES
 from ..models._config import FAMILIES, SIZES, choice_problem, did_you_mean
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -50,11 +51,14 @@ class DataConfig:
     cells are ``held_out_files``, or (Census) those of ``held_out_filter`` (an obs filter,
     e.g. ``dataset_id == '...'``), or a random ``held_out_fraction`` of each file's cells
     (default 0.05; 0 for none). ``stats_cells`` training cells are read to build the
-    vocabulary, fit the tokenizer and the frequency baseline.
+    vocabulary, fit the tokenizer and the frequency baseline. Files of another species
+    than ``vocab.species`` reach its genes through ``orthologs`` (``one2one`` or ``all``;
+    see :class:`~sclcm.data.AnnDataStream`).
     """
 
     h5ad: list[str] = field(default_factory=list)
     layer: str | None = None
+    orthologs: str = "one2one"
     census: CensusSource | None = None
     held_out_fraction: float | None = None
     held_out_files: list[str] = field(default_factory=list)
@@ -387,6 +391,7 @@ def _check_choices(cfg: PretrainConfig) -> None:
                "model.size": (cfg.model.size, SIZES),
                "tokenizer.family": (cfg.family, FAMILIES),
                "tokenizer.medians": (cfg.tokenizer.medians, ("histogram", "exact")),
+               "data.orthologs": (cfg.data.orthologs, ORTHOLOG_RULES),
                **_trainer_choices(cfg.trainer)}
     for key, (value, valid) in choices.items():
         problem = choice_problem(key, value, valid)

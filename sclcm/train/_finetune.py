@@ -176,9 +176,11 @@ class FinetuneModule(L.LightningModule):
 
 
 def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str | None = None,
-             layer: str | None = None, freeze_layers: int = 0, max_steps: int = 500,
+             layer: str | None = None, orthologs: str = "one2one", freeze_layers: int = 0,
+             max_steps: int = 500,
              lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int | None = None,
-             class_weights: bool = True, val_fraction: float = 0.2, val_every: int | None = None,
+             class_weights: bool = True, val_fraction: float = 0.2,
+             val_every: int | None = None,
              max_tokens: int = MAX_TOKENS, classifier_layers: int | None = None,
              calibrate: bool = True, out_dir: str | Path | None = None,
              accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto",
@@ -203,6 +205,13 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
         An ``obs`` column (donor, batch): whole groups are held out for validation, so
         that the best step is the one that generalizes to new donors. ``None``: a split
         stratified by label.
+    layer
+        Where the counts are; ``X`` when ``None``.
+    orthologs
+        For a reference of another species than the model's: ``"one2one"`` (one-to-one
+        orthologs only) or ``"all"`` (each gene's count copied onto every ortholog,
+        several genes summed onto one), as in :func:`sclcm.tl.embed`. Recorded in
+        ``finetune_metrics``; give :func:`sclcm.tl.map_species` the same rule.
     freeze_layers
         Freeze the token embeddings and the lowest ``freeze_layers`` encoder blocks
         (0: train everything).
@@ -293,7 +302,7 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
 
     start = logg.info(f"fine-tuning on {len(train_rows)} cells ({len(val_rows)} validation), "
                       f"{len(classes)} classes of obs[{label_key!r}]")
-    cells = CellTokens.prepare(adata, base.tokenizer, layer=layer)
+    cells = CellTokens.prepare(adata, base.tokenizer, layer=layer, orthologs=orthologs)
     tokens, n_empty = _tokens(cells, np.flatnonzero(codes >= 0))
     if n_empty:
         logg.warning(f"{n_empty} labelled cells have no count on the model's genes: left out.")
@@ -361,7 +370,8 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
                "temperature": net.temperature,
                "best_val_macro_f1": module.best_f1, "n_train": int(train_tok.n_cells),
                "n_val": int(val_tok.n_cells), "val_history": module.history,
-               "gene_coverage": cells.gene_coverage, "count_coverage": cells.count_coverage}
+               "orthologs": orthologs, "gene_coverage": cells.gene_coverage,
+               "count_coverage": cells.count_coverage}
     net.finetune_metrics = metrics
     if out_dir is not None:
         net.save_pretrained(out_dir)

@@ -41,6 +41,7 @@ class FinetuneDataConfig:
     label_key: str | None = None
     groupby: str | None = None
     layer: str | None = None
+    orthologs: str = "one2one"
     backed: bool = False
 
 
@@ -144,7 +145,8 @@ def run_finetune(config: str | Path | dict | FinetuneConfig, *,
     adata = ad.read_h5ad(path, backed="r" if cfg.data.backed else None)
     o, t = dataclasses.asdict(cfg.optim), cfg.trainer
     return finetune(adata, cfg.data.label_key, cfg.model.start, groupby=cfg.data.groupby,
-                    layer=cfg.data.layer, freeze_layers=cfg.model.freeze_layers,
+                    layer=cfg.data.layer, orthologs=cfg.data.orthologs,
+                    freeze_layers=cfg.model.freeze_layers,
                     classifier_layers=cfg.model.classifier_layers, **o,
                     val_fraction=t.val_fraction, val_every=t.val_every,
                     calibrate=t.calibrate, out_dir=out_dir, accelerator=t.accelerator,

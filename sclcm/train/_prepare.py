@@ -60,7 +60,9 @@ def build_streams(cfg: PretrainConfig) -> tuple[CellStream, CellStream | None]:
     from ..data import AnnDataStream
 
     files = data_paths(cfg, d.h5ad, key="data.h5ad")
-    opts = dict(layer=d.layer, **blocks)
+    # in the vocabulary's species, so that files of another reach it through orthologs
+    species = cfg.vocab.species if cfg.vocab.path is None else reference_vocab(cfg).species
+    opts = dict(layer=d.layer, species=species, orthologs=d.orthologs, **blocks)
     if d.held_out_files:
         held = data_paths(cfg, d.held_out_files, key="data.held_out_files")
         return (AnnDataStream(files, buffer_size=d.buffer_size, **opts),
