@@ -73,7 +73,9 @@ def test_joint_object_holds_both_and_scanpy_reads_it(data, joint, tmp_path):
     rec = joint.uns["sclcm"]
     assert set(rec["orthologs"]) == {"query"}
     assert rec["orthologs"]["query"]["orthologs"] == "all"
-    assert 0 < rec["count_coverage"]["query"] < rec["count_coverage"]["reference"] <= 1
+    # most counts of both reach the model (measured 0.98 each with the shipped weights)
+    assert 0.9 < rec["count_coverage"]["query"] <= 1
+    assert 0.9 < rec["count_coverage"]["reference"] <= 1
     assert rec["n_unassigned"] == int((query.obs["sclcm_label"] == "Unassigned").sum())
 
     joint = joint.copy()  # the module's object stays without a UMAP for the figure test
