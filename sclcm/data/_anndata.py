@@ -332,7 +332,7 @@ def _join_genes(vars_: list[pd.DataFrame], names: list, species: str | None, ort
         return (*_union_genes(vars_, names), species)
     from ..genes import gene_table, resolve
 
-    edges, ids = [], []  # per source: (columns, target Ensembl IDs) pairs
+    edges = []  # per source: its columns, the target Ensembl ID of each, its width
     for var, own, name in zip(vars_, found, names, strict=True):
         report = resolve(_var_only(var), own or target, count_coverage=False)
         if report.species == target:
@@ -346,8 +346,7 @@ def _join_genes(vars_: list[pd.DataFrame], names: list, species: str | None, ort
                       f"genes reach {len(np.unique(tgt))} {target} genes ({orthologs} "
                       "orthologs)")
         edges.append((cols, tgt, len(var)))
-        ids.append(tgt)
-    union = pd.Index(pd.unique(np.concatenate(ids)))
+    union = pd.Index(pd.unique(np.concatenate([tgt for _, tgt, _ in edges])))
     union.name = None
     out = pd.DataFrame(index=union)
     out["feature_name"] = gene_table(target).symbol.reindex(union).to_numpy()
