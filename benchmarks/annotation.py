@@ -146,7 +146,7 @@ def logreg(ref: ad.AnnData, query: ad.AnnData, labels: np.ndarray, seed: int = 0
 
     grid = GridSearchCV(
         OneVsRestClassifier(LogisticRegression(penalty="l1", solver="liblinear",
-                                               max_iter=200)),
+                                               max_iter=200, random_state=seed)),
         {"estimator__C": [0.03, 0.1, 0.3, 1.0]}, scoring="f1_macro",
         cv=StratifiedKFold(3, shuffle=True, random_state=seed))
     with warnings.catch_warnings():
@@ -207,8 +207,13 @@ def random_like(name: str = sclcm.tl.DEFAULT_MODEL, seed: int = 0):
     return CellModel(shipped.config, vocab=shipped.vocab, tokenizer=shipped.tokenizer)
 
 
+#: The model that sclcm's rows start from (--model; None: the shipped default).
+MODEL: str | None = None
+
+
 def sclcm_finetuned(split: Split, start, opts: dict):
     opts = dict(opts)
+    start = MODEL if start is None else start
     if "pooling" in opts:
         start = with_pooling(opts.pop("pooling"))
     model = sclcm.train.finetune(split.ref, split.label_key, start, groupby=split.groupby,
@@ -233,8 +238,8 @@ def sclcm_finetuned(split: Split, start, opts: dict):
 
 def sclcm_knn(split: Split):
     q = split.query.copy()
-    sclcm.tl.annotate(q, method="knn", reference=split.ref, label_key=split.label_key,
-                      threshold=0)
+    sclcm.tl.annotate(q, MODEL, method="knn", reference=split.ref,
+                      label_key=split.label_key, threshold=0)
     return q.uns["sclcm_label"]["classes"], q.obsm["sclcm_label_probabilities"], \
         q.obs["sclcm_label_score"].to_numpy()
 
@@ -335,6 +340,12 @@ VARIANTS = {  # fine-tuning choices compared on one split, same step budget
     "lr 1e-3, 3 of 4 blocks frozen": {"lr": 1e-3, "freeze_layers": 3},
     "lr 3e-4, head on <cls>": {"lr": 3e-4, "pooling": "cls"},
     "lr 3e-4, no class weights": {"lr": 3e-4, "class_weights": False},
+    "lr 3e-3, all 4 blocks frozen (head only)": {"lr": 3e-3, "freeze_layers": 4},
+    "lr 1e-3, 3 frozen, gene dropout 0.2": {"lr": 1e-3, "freeze_layers": 3,
+                                            "gene_dropout": 0.2},
+    "lr 1e-3, 3 frozen, gene dropout 0.4": {"lr": 1e-3, "freeze_layers": 3,
+                                            "gene_dropout": 0.4},
+    "lr 3e-4, gene dropout 0.3": {"lr": 3e-4, "gene_dropout": 0.3},
 }
 
 
@@ -362,8 +373,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=FINETUNE["max_tokens"])
     parser.add_argument("--variants", default=None,
                         help="a split: compare fine-tuning choices on it instead")
+    parser.add_argument("--only-variants", default=None,
+                        help="with --variants: their names to run, separated by ';'")
+    parser.add_argument("--model", default=None,
+                        help="a model directory for sclcm's rows (default: the shipped one)")
     parser.add_argument("--csv", default=None)
     args = parser.parse_args()
+    global MODEL
+    MODEL = args.model
     import torch
 
     torch.set_num_threads(1)
@@ -375,7 +392,9 @@ def main() -> None:
         (split,) = make_splits([args.variants], args.n_ref, args.n_query)
         print(f"{split.name}: reference {split.ref.n_obs} cells, query {split.query.n_obs}")
         base = {k: v for k, v in opts.items() if k not in ("lr", "freeze_layers")}
-        for name, change in VARIANTS.items():
+        chosen = VARIANTS if args.only_variants is None else {
+            k: VARIANTS[k] for k in args.only_variants.split(";")}
+        for name, change in chosen.items():
             for r in run_split(split, ["finetuned"], {**base, **change}):
                 rows.append({**r, "method": f"finetuned {name}"})
         rows += run_split(split, ["logreg"], opts)

@@ -124,7 +124,7 @@ def rewired(w: np.ndarray, rng: np.random.Generator, k: int = RANDOM_K) -> np.nd
     g = g.tocoo()
     graph = ig.Graph(n=w.shape[0], edges=list(zip(g.row, g.col, strict=True)))
     ig.set_random_number_generator(random.Random(int(rng.integers(1 << 31))))
-    graph.rewire(n=10 * graph.ecount(), mode="simple")
+    graph.rewire(n=10 * graph.ecount(), allowed_edge_types="simple")
     # igraph's rewiring drops edge attributes: the weights go to the new edges at random
     a, b = np.asarray(graph.get_edgelist()).T
     out = np.zeros_like(w)

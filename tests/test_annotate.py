@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from functools import cache
 
 import anndata as ad
+import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import CHAI_MOUSE, KANG_CTRL, assert_unchanged, data_path, snapshot
 from test_model_data import tokenizer
-from test_train import Kill, Killed, Recorder
+from test_train import Kill, Killed, RankLog, Recorder
 
 import sclcm
 from sclcm.models import CellModel, ModelConfig
+from sclcm.tokenizers import TokenBatch
 from sclcm.train import finetune, load_classifier, load_labels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,6 +117,46 @@ def test_freeze_layers_keeps_lower_blocks(finetuned):
     for k, v in start.encoder.blocks[0].state_dict().items():
         torch.testing.assert_close(model.encoder.blocks[0].state_dict()[k], v)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_drop_genes_leaves_genes_out_in_order():
+    """Gene dropout on real Kang cells (Geneformer tokens with <cls>/<eos>): specials and
+    each cell's first gene stay, the kept genes keep their rank order, and the share left
+    out is the rate (binomial: 4 sigma over ~19,000 droppable tokens is under 0.015)."""
+    from sclcm.tl._cells import CellTokens
+    from sclcm.train._finetune_data import drop_genes
+
+    tok = tokenizer("geneformer", max_len=66)
+    cells = CellTokens.prepare(kang(), tok)
+    tokens = TokenBatch.concat([b for _, b, _ in cells.batches(desc="tokenizing")])
+    n_special = len(tok.vocab.special_tokens)
+    out = drop_genes(tokens, 0.3, np.random.default_rng(0), n_special=n_special)
+    assert np.array_equal(out.cell_index, tokens.cell_index)
+    for i in range(tokens.n_cells):
+        before, after = tokens.cell(i)[0], out.cell(i)[0]
+        assert before[0] == after[0] == tok.vocab.cls_id
+        assert before[-1] == after[-1] == tok.vocab.eos_id
+        assert after[1] == before[1]  # the first gene stays: no cell is left without one
+        # the kept tokens are a subsequence: rank order unchanged
+        assert np.array_equal(after, before[np.isin(before, after)])
+    droppable = int((tokens.lengths - 3).sum())
+    dropped = tokens.n_tokens - out.n_tokens
+    assert abs(dropped / droppable - 0.3) < 0.015
+    same = drop_genes(tokens, 0.0, np.random.default_rng(0), n_special=n_special)
+    assert np.array_equal(same.gene_ids, tokens.gene_ids)
+
+
+def test_gene_dropout_trains_on_fewer_genes_and_is_recorded():
+    plain = finetune(kang(), "cell_type", tiny(), max_steps=2, val_every=1,
+                     progress_bar=False, accelerator="cpu")
+    dropped = finetune(kang(), "cell_type", tiny(), max_steps=2, val_every=1,
+                       gene_dropout=0.5, progress_bar=False, accelerator="cpu")
+    assert dropped.finetune_metrics["gene_dropout"] == 0.5
+    w0, w1 = plain.classifier.state_dict(), dropped.classifier.state_dict()
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # it trained on other inputs
+    with pytest.raises(ValueError, match=r"gene_dropout must be in \[0, 1\)"):
+        finetune(kang(60), "cell_type", tiny(), gene_dropout=1.0, max_steps=1,
+                 progress_bar=False, accelerator="cpu")
 
 
 @pytest.mark.parametrize(("change", "match"), [
@@ -412,6 +455,53 @@ def test_killed_finetuning_resumes_exactly(tmp_path):
         assert resumed.temperature == full.temperature
     with pytest.raises(sclcm.InputError, match="No checkpoint to resume"):
         run(tmp_path / "never", resume="last")
+
+
+class FinetuneRankLog(RankLog):
+    """Also writes each rank's validation macro-F1s and its best step."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        f1s = [h["val_macro_f1"] for h in pl_module.history]
+        np.savez(f"{self.out}/rank{trainer.global_rank}.npz", steps=np.array(self.steps),
+                 cells=np.concatenate(self.cells), f1s=np.array(f1s),
+                 best=np.array([pl_module.best_step, pl_module.best_f1]))
+
+
+@pytest.mark.slow
+def test_two_ranks_finetune_in_step(tmp_path):
+    """DDP fine-tuning (two CPU ranks, gloo): each rank trains on its own half of the
+    training cells, both take every step together, and both score every validation cell,
+    so they agree on the validation macro-F1 and keep the same best step."""
+    from sclcm.tl._cells import CellTokens
+    from sclcm.train._finetune import FinetuneModule, freeze_unused
+    from sclcm.train._finetune_data import FinetuneData
+
+    adata = kang(120)
+    start = tiny()
+    model = CellModel(dataclasses.replace(start.config, n_classes=4), vocab=start.vocab,
+                      tokenizer=start.tokenizer)
+    cells = CellTokens.prepare(adata, model.tokenizer)
+    tokens = TokenBatch.concat([b for _, b, _ in cells.batches(desc="tokenizing")])
+    codes = adata.obs["cell_type"].astype("category").cat.codes.to_numpy().copy()
+    train, val = tokens.select(np.arange(80)), tokens.select(np.arange(80, tokens.n_cells))
+    freeze_unused(model, train.select(np.arange(8)))  # as finetune does: DDP needs it
+    module = FinetuneModule(model, codes, class_weights=None, lr=1e-3, weight_decay=0.01,
+                            warmup_steps=2, max_steps=12, seed=1)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=12,
+                        max_epochs=-1, val_check_interval=4, check_val_every_n_epoch=None,
+                        num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[FinetuneRankLog(str(tmp_path))])
+    trainer.fit(module, datamodule=FinetuneData(train, val, max_tokens=1024, seed=1))
+    ranks = [np.load(tmp_path / f"rank{r}.npz") for r in (0, 1)]
+    assert len(ranks[0]["steps"]) == 12
+    np.testing.assert_array_equal(ranks[0]["steps"], ranks[1]["steps"])
+    a, b = ranks[0]["cells"], ranks[1]["cells"]
+    assert not set(a) & set(b)
+    assert set(a) | set(b) == set(train.cell_index.tolist())
+    assert len(ranks[0]["f1s"]) == 3
+    np.testing.assert_array_equal(ranks[0]["f1s"], ranks[1]["f1s"])
+    np.testing.assert_array_equal(ranks[0]["best"], ranks[1]["best"])
 
 
 # --- sclcm finetune --config ---

@@ -229,9 +229,13 @@ def run_config(tmp_path, **sections) -> dict:
      r"vocab\.biotypes entries must be among .*\(did you mean 'protein_coding'\?\)"),
     ({"data": {"orthologs": "one_to_one"}},
      r"data\.orthologs must be one of 'one2one', 'all', not 'one_to_one'"),
+    ({"model": {"start": "sclcm-small", "overrides": {"n_layers": 2}},
+      "tokenizer": {"options": {"max_len": 64}}},
+     r"model\.start continues 'sclcm-small' with its own architecture, vocabulary and "
+     r"tokenizer: leave out model\.overrides, tokenizer\.options\."),
 ], ids=["size", "override-name", "override-value", "override-consistency", "override-vocab",
         "accelerator", "precision", "strategy", "key", "tokenizer-option", "biotype",
-        "orthologs"])
+        "orthologs", "start-with-overrides"])
 def test_pretrain_config_is_checked_before_any_work(tmp_path, no_prepare, sections, match):
     from sclcm.train import ConfigError, pretrain
 

@@ -219,6 +219,39 @@ def test_killed_run_resumes_exactly(tmp_path_factory):
         torch.testing.assert_close(resumed.state_dict(), full.state_dict())
 
 
+def test_pretraining_continues_a_saved_model(tmp_path):
+    """model.start: the run takes the start model's vocabulary, tokenizer and weights (at a
+    learning rate of ~0 it ends where it started; a fresh model of the same seed would not)
+    and trains them (at 3e-3 they move), and the start directory is left as it was."""
+    data = small_h5ad(str(tmp_path))
+    first, _ = pretrain(tiny_config(tmp_path / "first", "geneformer", data__h5ad=[data],
+                                    data__block_size=64, data__held_out_fraction=0,
+                                    vocab__min_cells=20, optim__max_steps=5))
+    start = tmp_path / "first" / "model"
+    files = {p: p.read_bytes() for p in start.rglob("*") if p.is_file()}
+
+    def cont(name: str, lr: float) -> tuple[CellModel, dict]:
+        return pretrain({"data": {"h5ad": [str(data_path(PBMC3K))], "block_size": 64,
+                                  "held_out_fraction": 0.1, "held_out_max_cells": 100},
+                         "model": {"preset": "geneformer", "start": str(start)},
+                         "optim": {"lr": lr, "warmup_steps": 0, "max_steps": 3,
+                                   "max_tokens": 1024},
+                         "trainer": {"val_every": 0, "checkpoint_every": 0},
+                         "out_dir": str(tmp_path / name)})
+
+    still, m = cont("still", 1e-12)
+    assert m["start"] == str(start)
+    assert m["steps"] == 3
+    assert still.vocab.genes.tolist() == first.vocab.genes.tolist()
+    assert (tmp_path / "still" / "model" / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (start / "tokenizer" / "tokenizer.json").read_bytes()
+    torch.testing.assert_close(still.state_dict(), first.state_dict(), rtol=0, atol=1e-7)
+    moved, _ = cont("moved", 3e-3)
+    w0, w1 = first.state_dict(), moved.state_dict()
+    assert max(float((w0[k] - w1[k]).abs().max()) for k in w0) > 1e-3
+    assert {p: p.read_bytes() for p in start.rglob("*") if p.is_file()} == files
+
+
 @pytest.mark.slow
 def test_census_source_trains(tmp_path):
     import cellxgene_census

@@ -100,11 +100,15 @@ class VocabConfig:
 
 @dataclass
 class ModelSection:
-    """``ModelConfig.preset(preset, size, vocab=..., **overrides)``."""
+    """``ModelConfig.preset(preset, size, vocab=..., **overrides)``, or with ``start`` (a
+    shipped name or model directory) that model, whose training continues: its
+    architecture, vocabulary, tokenizer, reconstruction panel and weights (continued,
+    domain-adaptive pretraining on the run's cells)."""
 
     preset: str = "geneformer"
     size: str = "small"
     overrides: dict[str, Any] = field(default_factory=dict)
+    start: str | None = None
 
 
 @dataclass
@@ -355,6 +359,7 @@ def _check(cfg: PretrainConfig) -> None:
     _check_tokenizer_options(cfg)
     _check_model(cfg)
     _check_vocab(cfg)
+    _check_start(cfg)
     positive = {"optim.max_steps": cfg.optim.max_steps, "optim.max_tokens": cfg.optim.max_tokens,
                 "data.block_size": cfg.data.block_size, "data.stats_cells": d.stats_cells,
                 "optim.accumulate_grad_batches": cfg.optim.accumulate_grad_batches}
@@ -382,6 +387,24 @@ def _check(cfg: PretrainConfig) -> None:
         raise ConfigError(msg)
     if len(cfg.optim.betas) != 2:
         msg = f"optim.betas must be two numbers, not {cfg.optim.betas}."
+        raise ConfigError(msg)
+
+
+def _check_start(cfg: PretrainConfig) -> None:
+    """``model.start`` brings its own architecture, vocabulary and tokenizer: the keys that
+    would make others must be left out."""
+    if cfg.model.start is None:
+        return
+    defaults = PretrainConfig()
+    set_keys = [key for key, (value, default) in {
+        "model.overrides": (cfg.model.overrides, {}),
+        "vocab.path": (cfg.vocab.path, None),
+        "tokenizer.options": (cfg.tokenizer.options, {}),
+        "tokenizer.family": (cfg.tokenizer.family, None),
+        "model.size": (cfg.model.size, defaults.model.size)}.items() if value != default]
+    if set_keys:
+        msg = (f"model.start continues {cfg.model.start!r} with its own architecture, "
+               f"vocabulary and tokenizer: leave out {', '.join(set_keys)}.")
         raise ConfigError(msg)
 
 

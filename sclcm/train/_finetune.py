@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .. import logging as logg
 from .._checks import InputError
 from ._batching import MicroBatch
+from ._finetune_data import drop_genes
 from ._finetune_labels import MIN_CELLS_PER_CLASS, _check_labels, _split  # noqa: F401
 from ._module import WarmupCosine, step_seed
 
@@ -101,34 +102,40 @@ class FinetuneModule(L.LightningModule):
 
     def __init__(self, model: CellModel, labels: np.ndarray, *, class_weights: np.ndarray | None,
                  lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
-                 seed: int) -> None:
+                 seed: int, gene_dropout: float = 0.0) -> None:
         super().__init__()
         self.model = model
         self.labels = torch.as_tensor(labels, dtype=torch.long)  # per reference row
         self.register_buffer("class_weights", None if class_weights is None else
                              torch.as_tensor(class_weights, dtype=torch.float32))
         self.lr, self.weight_decay, self.seed = lr, weight_decay, seed
+        self.gene_dropout = gene_dropout
         self.warmup_steps, self.max_steps = warmup_steps, max_steps
         self.best_f1, self.best_step, self.best_state = -1.0, -1, None
         self.history: list[dict[str, float]] = []
         self._val: list[tuple[np.ndarray, np.ndarray, float]] = []
 
-    def _loss(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        inputs = self.model.inputs(batch.tokens, device=self.device)
+    def _loss(self, tokens: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inputs = self.model.inputs(tokens, device=self.device)
         logits = class_logits(self.model, inputs).float()
-        y = self.labels[torch.from_numpy(batch.tokens.cell_index)].to(self.device)
+        y = self.labels[torch.from_numpy(tokens.cell_index)].to(self.device)
         return F.cross_entropy(logits, y, weight=self.class_weights), logits, y
 
     def training_step(self, batch: MicroBatch, batch_idx: int) -> torch.Tensor:
-        torch.manual_seed(step_seed(self.seed, self.global_step))  # dropout, reproducible
-        loss, _, _ = self._loss(batch)
+        seed = step_seed(self.seed, self.global_step)  # dropout, reproducible on resume
+        torch.manual_seed(seed)
+        tokens = batch.tokens
+        if self.gene_dropout > 0:
+            tokens = drop_genes(tokens, self.gene_dropout, np.random.default_rng(seed),
+                                n_special=self.model.config.n_special_tokens)
+        loss, _, _ = self._loss(tokens)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.n_cells)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"],
                  batch_size=batch.n_cells)
         return loss
 
     def validation_step(self, batch: MicroBatch, batch_idx: int) -> None:
-        loss, logits, y = self._loss(batch)
+        loss, logits, y = self._loss(batch.tokens)
         self._val.append((logits.argmax(1).cpu().numpy(), y.cpu().numpy(),
                           float(loss) * batch.n_cells))
 
@@ -179,8 +186,8 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
              layer: str | None = None, orthologs: str = "one2one", freeze_layers: int = 0,
              max_steps: int = 500,
              lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int | None = None,
-             class_weights: bool = True, val_fraction: float = 0.2,
-             val_every: int | None = None,
+             class_weights: bool = True, gene_dropout: float = 0.0,
+             val_fraction: float = 0.2, val_every: int | None = None,
              max_tokens: int = MAX_TOKENS, classifier_layers: int | None = None,
              calibrate: bool = True, out_dir: str | Path | None = None,
              accelerator: str = "auto", devices: int | str = 1, strategy: str = "auto",
@@ -221,6 +228,11 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
     class_weights
         Weight the loss by inverse class frequency (``n / (k * n_class)``), so rare types
         count as much as common ones.
+    gene_dropout
+        Share of each training cell's gene tokens left out at each step (a new draw every
+        step; validation and annotation read every gene). It trains the classifier not to
+        lean on any one gene, for a query that measures fewer of the model's genes than
+        the reference: another technology, or another species through orthologs.
     val_fraction
         Share of the labelled cells (or, with ``groupby``, at least that share, in whole
         groups) held out for validation.
@@ -285,6 +297,9 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
     if not 0 < val_fraction < 1:
         msg = f"val_fraction must be between 0 and 1 (exclusive), not {val_fraction!r}."
         raise ValueError(msg)
+    if not 0 <= gene_dropout < 1:
+        msg = f"gene_dropout must be in [0, 1), not {gene_dropout!r}."
+        raise ValueError(msg)
     if max_steps < 1:
         msg = f"max_steps must be a positive number of optimizer steps, not {max_steps!r}."
         raise ValueError(msg)
@@ -320,6 +335,7 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
     net.load_state_dict(state, strict=False)
     net.tie_weights()
     _freeze(net, freeze_layers)
+    freeze_unused(net, train_tok.select(np.arange(min(8, train_tok.n_cells))))
 
     weights = None
     if class_weights:
@@ -328,7 +344,8 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
     module = FinetuneModule(net, np.where(codes >= 0, codes, 0), class_weights=weights,
                             lr=lr, weight_decay=weight_decay,
                             warmup_steps=max_steps // 10 if warmup_steps is None else
-                            warmup_steps, max_steps=max_steps, seed=seed)
+                            warmup_steps, max_steps=max_steps, seed=seed,
+                            gene_dropout=gene_dropout)
     quiet_lightning()
     every = max(1, max_steps // 10) if val_every is None else int(val_every)
     callbacks = list(callbacks)
@@ -370,6 +387,7 @@ def finetune(adata: AnnData, label_key: str, model: Any = None, *, groupby: str 
                "temperature": net.temperature,
                "best_val_macro_f1": module.best_f1, "n_train": int(train_tok.n_cells),
                "n_val": int(val_tok.n_cells), "val_history": module.history,
+               "gene_dropout": gene_dropout,
                "orthologs": orthologs, "gene_coverage": cells.gene_coverage,
                "count_coverage": cells.count_coverage}
     net.finetune_metrics = metrics
@@ -457,6 +475,18 @@ def _checkpoint(out_dir: str | Path | None, resume: str | Path | None) -> str | 
                "run that had checkpoint_every set, or the path of one of its .ckpt files.")
         raise InputError(msg)
     return str(path)
+
+
+def freeze_unused(model: CellModel, tokens: TokenBatch) -> None:
+    """Freeze the parameters the classification loss does not reach (the pretraining
+    heads), found by one backward pass on ``tokens``: DDP waits for a gradient of every
+    trainable parameter and fails on a step that gives none."""
+    model.zero_grad(set_to_none=True)
+    class_logits(model, model.inputs(tokens)).float().sum().backward()
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.requires_grad_(requires_grad=False)
+    model.zero_grad(set_to_none=True)
 
 
 def _freeze(model: CellModel, n_layers: int) -> None:

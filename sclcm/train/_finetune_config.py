@@ -59,6 +59,7 @@ class FinetuneOptimConfig:
     weight_decay: float = 0.01
     warmup_steps: int | None = None
     class_weights: bool = True
+    gene_dropout: float = 0.0
     max_tokens: int = 16_384
 
 

@@ -14,13 +14,12 @@ from typing import TYPE_CHECKING
 import lightning as L
 import numpy as np
 
+from ..tokenizers import TokenBatch
 from ._datamodule import PretrainDataModule
 from ._resume import MicroBatchLoader
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
-
-    from ..tokenizers import TokenBatch
 
 #: Cells per block handed to the micro-batcher.
 BLOCK = 1024
@@ -79,6 +78,33 @@ class FinetuneData(L.LightningDataModule):
 
     def val_dataloader(self) -> MicroBatchLoader:
         return val_batches(self.val, self.max_tokens)
+
+
+def drop_genes(tokens: TokenBatch, rate: float, rng: np.random.Generator, *,
+               n_special: int) -> TokenBatch:
+    """``tokens`` with each gene token of each cell left out with probability ``rate``.
+
+    Special tokens (ids below ``n_special``: ``<cls>``, ``<eos>``) stay, and so does each
+    cell's first gene, so that no cell is left without one. The remaining tokens keep their
+    order: a rank tokenizer's cell then reads as that cell would with those genes
+    unmeasured, which is how a query of another technology or species (through orthologs)
+    differs from the reference.
+    """
+    ids = tokens.gene_ids
+    gene = ids >= n_special
+    first_gene = np.zeros(len(ids), dtype=bool)
+    n = tokens.n_cells
+    cell = np.repeat(np.arange(n), tokens.lengths)
+    gene_pos = np.flatnonzero(gene)
+    # the first gene token of every cell that has one
+    _, first = np.unique(cell[gene_pos], return_index=True)
+    first_gene[gene_pos[first]] = True
+    keep = ~gene | first_gene | (rng.random(len(ids)) >= rate)
+    lengths = np.bincount(cell[keep], minlength=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return TokenBatch(ids[keep], tokens.values[keep], offsets, tokens.cell_index,
+                      dict(tokens.extras))
 
 
 def val_batches(tokens: TokenBatch, max_tokens: int) -> MicroBatchLoader:

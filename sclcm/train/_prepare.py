@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from ..data import CellBlock, CellStream
-    from ..models import ModelConfig
+    from ..models import CellModel, ModelConfig
     from ..tokenizers import Tokenizer
     from ._config import PretrainConfig
 
@@ -41,6 +41,7 @@ class Prepared:
     summary: dict[str, Any]
     panel: np.ndarray | None = None  # token ids of the reconstruction panel
     panel_mean: np.ndarray | None = None  # their mean target over the training cells
+    start: CellModel | None = None  # model.start: the model whose training continues
 
     def targets(self, stream: CellStream | None) -> PanelTargets | None:
         """What adds the reconstruction target to each tokenized block of ``stream`` (None
@@ -50,9 +51,11 @@ class Prepared:
 
 
 # --- streams --------------------------------------------------------------------------
-def build_streams(cfg: PretrainConfig) -> tuple[CellStream, CellStream | None]:
+def build_streams(cfg: PretrainConfig, species: str | None = None
+                  ) -> tuple[CellStream, CellStream | None]:
     """The training stream (shuffled by ``(trainer.seed, epoch)``) and the held-out one (in
-    order), both of raw-count :class:`~sclcm.data.CellBlock` s."""
+    order), both of raw-count :class:`~sclcm.data.CellBlock` s, in ``species`` (default:
+    the vocabulary's)."""
     d, seed = cfg.data, cfg.trainer.seed
     blocks = dict(block_size=d.block_size, chunk_size=d.chunk_size, seed=seed)
     if d.census is not None:
@@ -61,7 +64,9 @@ def build_streams(cfg: PretrainConfig) -> tuple[CellStream, CellStream | None]:
 
     files = data_paths(cfg, d.h5ad, key="data.h5ad")
     # in the vocabulary's species, so that files of another reach it through orthologs
-    species = cfg.vocab.species if cfg.vocab.path is None else reference_vocab(cfg).species
+    if species is None:
+        species = cfg.vocab.species if cfg.vocab.path is None else \
+            reference_vocab(cfg).species
     opts = dict(layer=d.layer, species=species, orthologs=d.orthologs, **blocks)
     if d.held_out_files:
         held = data_paths(cfg, d.held_out_files, key="data.held_out_files")
@@ -245,6 +250,40 @@ def fit_baseline(cfg: PretrainConfig, train: CellStream, tokenizer: Tokenizer,
 
 def prepare(cfg: PretrainConfig) -> Prepared:
     """Streams, vocabulary, fitted tokenizer and reconstruction panel of a run."""
+    if cfg.model.start is not None:
+        return prepare_start(cfg)
     train, held = build_streams(cfg)
     vocab, tokenizer, summary, panel, panel_mean = build_vocab_and_tokenizer(cfg, train)
     return Prepared(train, held, vocab, tokenizer, summary, panel, panel_mean)
+
+
+def prepare_start(cfg: PretrainConfig) -> Prepared:
+    """A run that continues ``model.start``: its vocabulary, tokenizer (medians as fitted on
+    its own corpus, so that its embeddings keep their meaning) and reconstruction panel."""
+    from ..tl._model_ref import get_model
+
+    base = get_model(cfg.model.start)
+    if base.tokenizer is None:
+        msg = (f"model.start {cfg.model.start!r} has no tokenizer: save it with "
+               "save_pretrained(..., tokenizer=...) first.")
+        raise ConfigError(msg)
+    if base.config.tokenizer != cfg.model.preset:
+        msg = (f"model.start {cfg.model.start!r} is a {base.config.tokenizer} model: set "
+               f"model.preset: {base.config.tokenizer}.")
+        raise ConfigError(msg)
+    panel = None
+    if cfg.objectives.reconstruction:
+        if not base.config.recon_panel:
+            msg = (f"model.start {cfg.model.start!r} has no reconstruction head: set "
+                   "objectives.reconstruction: 0 to continue it.")
+            raise ConfigError(msg)
+        panel = np.asarray(base.config.recon_panel, dtype=np.int64)
+    train, held = build_streams(cfg, species=base.vocab.species)
+    start = base.__class__(base.config, vocab=base.vocab, tokenizer=base.tokenizer)
+    start.load_state_dict(base.state_dict())  # a copy: the shipped model stays as it was
+    logg.info(f"continuing {cfg.model.start!r}: {base.vocab.n_genes:,} genes, "
+              f"{base.get_num_params():,} parameters; {base.tokenizer!r}")
+    summary = {"start": str(cfg.model.start), "vocab_genes": base.vocab.n_genes}
+    if panel is not None:
+        summary["panel_size"] = len(panel)
+    return Prepared(train, held, base.vocab, base.tokenizer, summary, panel, start=start)

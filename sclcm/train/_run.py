@@ -251,6 +251,7 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
+    from ..models import CellModel
     from ._datamodule import PretrainDataModule
 
     cfg = load_config(config, overrides=overrides)  # every key and value, before any work
@@ -259,7 +260,8 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
     out_dir = Path(expand(cfg.out_dir, key="out_dir"))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     prep = prepare(cfg)
-    model = build_model(cfg, prep.vocab, prep.tokenizer, prep.panel, prep.panel_mean)
+    model = prep.start if prep.start is not None else \
+        build_model(cfg, prep.vocab, prep.tokenizer, prep.panel, prep.panel_mean)
     o, objectives = cfg.optim, cfg.objectives
     module = PretrainModule(model, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
                             warmup_steps=o.warmup_steps, max_steps=o.max_steps,
@@ -303,7 +305,7 @@ def pretrain(config: str | Path | dict | PretrainConfig, *,
     state = trainer.strategy.lightning_module_state_dict()  # a collective under FSDP
     if not trainer.is_global_zero:
         return module.model, {}
-    final = build_model(cfg, prep.vocab, tok, prep.panel)
+    final = CellModel(model.config, vocab=prep.vocab, tokenizer=tok)
     final.load_state_dict({k.removeprefix("model."): v for k, v in state.items()
                            if k.startswith("model.")})
     final.eval()
