@@ -310,3 +310,20 @@ def test_progress_shows_steps_of_max_steps_and_no_tips(tmp_path, capsys, caplog,
     assert "-2" not in out
     assert "v_num" not in out
     assert not [r for r in caplog.records if "Tip" in r.getMessage()]
+
+
+def test_docs_continuing_yaml_is_valid():
+    """The continued-pretraining YAML of docs/pretraining.md passes the config check, and
+    the keys model.start refuses are refused in it."""
+    from test_readme import code_blocks
+
+    from sclcm.train import ConfigError, load_config
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "pretraining.md"
+    (block,) = [b for b in code_blocks(page) if b.lang == "yaml" and "start:" in b.code]
+    raw = yaml.safe_load(block.code)
+    cfg = load_config(raw)
+    assert cfg.model.start == "sclcm-small"
+    assert cfg.objectives.reconstruction == 100.0
+    with pytest.raises(ConfigError, match=r"leave out vocab\.path"):
+        load_config({**raw, "vocab": {"path": "vocab.json"}})
